@@ -1,0 +1,136 @@
+"""Channel masks: alignment-aware binarization, validation, the authors' on-disk format, statistics.
+
+A mask is a float32 tensor [L, G, D] of 0.0/1.0 (1 = keep that K channel for middle tokens), saved with
+``torch.save`` exactly like the authors' released masks (``masks/reference/``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise unless 0 < ratio < 1 (the fraction of K channels pruned)."""
+    if not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"ratio={ratio} must lie strictly between 0 and 1 (the fraction of K channels to prune).")
+
+
+def check_align(align: int, head_dim: int) -> None:
+    """Raise unless ``align`` is a positive divisor of ``head_dim``."""
+    if align < 1 or head_dim % align != 0:
+        divisors = [a for a in range(1, head_dim + 1) if head_dim % a == 0]
+        raise ValueError(f"align={align} must divide head_dim={head_dim}; choose one of {divisors}.")
+
+
+def check_shape(tensor: torch.Tensor, shape: tuple[int, int, int] | None, what: str = "mask") -> None:
+    """Raise unless ``tensor`` is 3-D [L, G, D] and, if given, exactly ``shape`` (the model's)."""
+    if tensor.ndim != 3:
+        raise ValueError(f"{what} must be [layers, kv_heads, head_dim]; got a {tensor.ndim}-D tensor {list(tensor.shape)}.")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"{what} has shape {list(tensor.shape)} but the model needs {list(shape)} "
+            "([layers, kv_heads, head_dim]); was it made for another model?"
+        )
+
+
+def binarize(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
+    """Alignment-aware binarization of factors [L, G, D] into a 0/1 float32 mask (the authors' ``sparsify``).
+
+    Threshold = the ``ratio``-quantile of all factors; each head keeps the count of its factors >= threshold,
+    rounded to the nearest multiple of ``align`` (halves up), taking its largest factors (ties: lower index).
+    """
+    check_ratio(ratio)
+    check_shape(factors, None, "factors")
+    _, _, d = factors.shape
+    check_align(align, d)
+    f = factors.detach().float().cpu()
+    threshold = torch.quantile(f.flatten(), float(ratio))
+    counts = (f >= threshold).sum(-1)  # [L, G]
+    counts = torch.div(counts + align // 2, align, rounding_mode="floor") * align
+    order = torch.sort(f, dim=-1, descending=True, stable=True).indices  # [L, G, D]
+    rank = torch.argsort(order, dim=-1)  # rank of each channel within its head
+    return (rank < counts[..., None]).float()
+
+
+def kept_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Int [L, G]: kept channels per (layer, KV head)."""
+    return mask.sum(-1).round().long()
+
+
+def validate_mask(mask: torch.Tensor, shape: tuple[int, int, int] | None = None, align: int | None = None) -> torch.Tensor:
+    """Check a mask (3-D, the model's shape, only 0/1, counts multiples of ``align``); return it as float32."""
+    check_shape(mask, shape)
+    if not mask.is_floating_point() and mask.dtype != torch.bool:
+        mask = mask.float()
+    values = torch.unique(mask.float())
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError(f"mask must hold only 0 and 1; found values {values[:8].tolist()}. Binarize factors first.")
+    mask = mask.float()
+    if align is not None:
+        check_align(align, mask.shape[-1])
+        counts = kept_counts(mask)
+        bad = (counts % align != 0).nonzero().tolist()
+        if bad:
+            l, g = bad[0]
+            raise ValueError(
+                f"{len(bad)} heads keep a count that is not a multiple of align={align} "
+                f"(e.g. layer {l} head {g} keeps {int(counts[l, g])}); binarize with align={align}."
+            )
+    return mask
+
+
+def save_mask(mask: torch.Tensor, path: str | os.PathLike) -> None:
+    """Save a validated mask in the authors' format (float32 [L, G, D], ``torch.save``)."""
+    mask = validate_mask(mask)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(mask.contiguous().cpu(), path)
+
+
+def load_mask(path: str | os.PathLike, shape: tuple[int, int, int] | None = None, align: int | None = None) -> torch.Tensor:
+    """Load a mask saved in the authors' format (``weights_only=True``) and validate it."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a [L, G, D] tensor.")
+    return validate_mask(obj, shape, align)
+
+
+@dataclass
+class MaskStats:
+    """What a mask saves, for one sink/recent setting and context length."""
+
+    pruned_ratio: float  # share of all K channels pruned (middle tokens)
+    count_histogram: dict[int, int]  # kept count -> number of heads
+    zero_heads: int  # heads with no kept channel: their middle V is dropped too
+    num_heads: int
+    sink: int
+    recent: int
+    context: int
+    k_saved: float  # share of the whole K cache saved at this context
+    v_saved: float  # share of the whole V cache saved at this context
+
+
+def mask_stats(mask: torch.Tensor, context: int, sink: int, recent: int) -> MaskStats:
+    """Pruned ratio, per-head count histogram, zero-count heads and K/V cache savings at ``context`` tokens."""
+    mask = validate_mask(mask)
+    counts = kept_counts(mask)
+    d = mask.shape[-1]
+    middle = max(context - sink - recent, 0)
+    share_middle = middle / context if context > 0 else 0.0
+    pruned = 1.0 - counts.sum().item() / counts.numel() / d
+    zero = int((counts == 0).sum())
+    values, freq = torch.unique(counts, return_counts=True)
+    return MaskStats(
+        pruned_ratio=pruned,
+        count_histogram={int(v): int(f) for v, f in zip(values, freq)},
+        zero_heads=zero,
+        num_heads=counts.numel(),
+        sink=sink,
+        recent=recent,
+        context=context,
+        k_saved=pruned * share_middle,
+        v_saved=zero / counts.numel() * share_middle,
+    )
