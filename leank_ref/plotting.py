@@ -1,0 +1,40 @@
+"""One figure style for every notebook, and the single place figures are written (``figures/``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 130,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "font.size": 10,
+}
+plt.rcParams.update(STYLE)
+
+
+def is_fast() -> bool:
+    """True in CI's fast mode (``LEANK_FAST=1``): shorter inputs, fewer steps."""
+    return os.environ.get("LEANK_FAST", "0") not in ("", "0", "false", "False")
+
+
+def figures_dir() -> Path:
+    """The repository's ``figures/`` folder (``$LEANK_FIGURES`` overrides it)."""
+    default = Path(__file__).resolve().parent.parent / "figures"
+    return Path(os.environ.get("LEANK_FIGURES", default))
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save ``fig`` as ``figures/<name>.png`` (name like ``01_importance_heatmap``) and return the path."""
+    if not name[:2].isdigit():
+        raise ValueError(f"figure name '{name}' should start with its notebook number, e.g. '01_{name}'.")
+    path = figures_dir() / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
