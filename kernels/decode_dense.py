@@ -176,7 +176,7 @@ def _merge_kernel(O_PART, LSE_PART, OUT, S_TOTAL, BLOCK_S: tl.constexpr, D: tl.c
 # Launch helpers shared with decode_leank.py
 # ----------------------------------------------------------------------------------------------
 def check_runnable(*tensors: torch.Tensor) -> None:
-    """Raise if the tensors are on different devices or on a CPU without Triton's interpreter."""
+    """Raise if the tensors are on different devices, or on a CPU without Triton's interpreter, or bf16 there."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}: move them with .to(device)")
@@ -186,6 +186,8 @@ def check_runnable(*tensors: torch.Tensor) -> None:
             f"tensors are on {device} but there is no CUDA and TRITON_INTERPRET is not set: move the tensors "
             "to a CUDA device, or set TRITON_INTERPRET=1 before importing triton and leank_ref.kernels"
         )
+    if _INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError("Triton's interpreter computes tl.dot wrongly on bfloat16: use float32 or float16 on CPU")
 
 
 def check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
