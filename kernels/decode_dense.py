@@ -39,15 +39,15 @@ importing this module and pass CPU tensors: Triton then runs the kernels in its 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Triton chooses between compiling and interpreting when a kernel is defined (at import).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton chooses between compiling and interpreting when a kernel is defined (at import), reading
+# TRITON_INTERPRET its own way ("1", "true", "on"...): record its decision before the kernels below.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -175,18 +175,34 @@ def _merge_kernel(O_PART, LSE_PART, OUT, S_TOTAL, BLOCK_S: tl.constexpr, D: tl.c
 # ----------------------------------------------------------------------------------------------
 # Launch helpers shared with decode_leank.py
 # ----------------------------------------------------------------------------------------------
-def check_runnable(*tensors: torch.Tensor) -> None:
-    """Raise if the tensors are on different devices, or on a CPU without Triton's interpreter, or bf16 there."""
+def interpreter_env_set() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter *now* (Triton's own parsing of the variable)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def check_runnable(*tensors: torch.Tensor, interpret: bool | None = None) -> None:
+    """Raise if the tensors are on different devices, or on a CPU without Triton's interpreter, or bf16 there.
+
+    ``interpret`` says whether the kernels were defined in Triton's interpreter (default: what this module
+    recorded at import; only tests pass it).
+    """
+    interpret = _INTERPRET if interpret is None else interpret
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}: move them with .to(device)")
     device = devices.pop()
-    if device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError(
-            f"tensors are on {device} but there is no CUDA and TRITON_INTERPRET is not set: move the tensors "
-            "to a CUDA device, or set TRITON_INTERPRET=1 before importing triton and leank_ref.kernels"
+    if device.type != "cuda" and not interpret:
+        late = (
+            " (TRITON_INTERPRET is set now, but was not when leank_ref.kernels was imported: restart the "
+            "process with it set)"
+            if interpreter_env_set()
+            else ""
         )
-    if _INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise RuntimeError(
+            f"tensors are on {device} but there is no CUDA and TRITON_INTERPRET is not set{late}: move the "
+            "tensors to a CUDA device, or set TRITON_INTERPRET=1 before importing triton and leank_ref.kernels"
+        )
+    if interpret and any(t.dtype == torch.bfloat16 for t in tensors):
         raise TypeError("Triton's interpreter computes tl.dot wrongly on bfloat16: use float32 or float16 on CPU")
 
 

@@ -143,6 +143,7 @@ def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, g
         if grp.v.shape != (B, Gc, grp.k.shape[2], D):
             raise ValueError(f"groups[{i}].v has shape {list(grp.v.shape)}, expected [{B}, {Gc}, {grp.k.shape[2]}, {D}]")
         check_last_dim_contiguous(**{f"groups[{i}].k": grp.k, f"groups[{i}].v": grp.v,
+                                     f"groups[{i}].kv_heads": grp.kv_heads,
                                      f"groups[{i}].channels": grp.channels})  # fmt: skip
         tensors += [grp.kv_heads, grp.channels, grp.k, grp.v]
         n_heads += Gc
