@@ -1,0 +1,155 @@
+"""Decode attention over the LeanK cache: a full window and the middle head groups, under one softmax.
+
+At a decode step one query token per sequence meets two kinds of stored keys (SPEC section 5):
+
+* the **full window** (sink + recent tokens), every channel: ``k_full, v_full [B, G, Nf, D]``;
+* the **middle store**, one :class:`MiddleGroup` per kept count ``c > 0``: the heads that keep ``c``
+  K channels, with only those channels of their middle keys ``k [B, Gc, Nm, c]`` and all of their
+  middle values ``v [B, Gc, Nm, D]``. Heads that keep no channel store nothing for middle tokens.
+
+A middle logit is ``q[kept] . k[kept]``: the gathered query channels against the stored ones, which is
+the simulated ``q . (k * mask)`` of training without ever materialising pruned channels. Every head
+sees the same ``Nf + Nm`` token slots, so the torch path writes all logits into one ``[B, G, r, Nf + Nm]``
+tensor (``-inf`` for the middle of a head that keeps nothing) and takes one float32 softmax: exactly the
+softmax over the union of the parts, with few small ops per layer (CPU speed is Python-bound). The
+Triton kernel of ``leank_ref.kernels`` instead splits the tokens across programs and merges the parts
+with their log-sum-exp (split-KV flash decoding); both compute the same attention.
+
+:class:`LeanKAttention` is the hook ``apply_leank`` installs with :func:`leank_ref.attention.use_hook`:
+at prefill it runs ordinary attention (as the authors do); at decode it reads the compact store of
+the layer the cache has just updated and runs :func:`leank_decode_torch` or the Triton kernel
+(``backend="triton"``, or ``"auto"`` on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .attention import default_attention
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class MiddleGroup(NamedTuple):
+    """The heads of one layer that keep the same number ``c`` of K channels, and their middle tokens."""
+
+    kv_heads: torch.Tensor  # [Gc] int64: which KV heads
+    channels: torch.Tensor  # [Gc, c] int64: each head's kept channels, ascending (post-RoPE order)
+    k: torch.Tensor  # [B, Gc, Nm, c]: middle keys, kept channels only
+    v: torch.Tensor  # [B, Gc, Nm, D]: middle values
+
+
+class DecodeStore(Protocol):
+    """What the decode path reads from one cache layer (``LeanKLayer`` in ``cache.py``)."""
+
+    layer_idx: int
+    keys: torch.Tensor  # [B, G, Nf, D]: the full window (sink + recent), last token = the query's own
+    values: torch.Tensor  # [B, G, Nf, D]
+    groups: list[MiddleGroup]
+
+
+def leank_decode_torch(
+    q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
+) -> torch.Tensor:
+    """LeanK decode attention in plain torch (float32 softmax): q [B, H, D] -> output [B, H, D] in q's dtype."""
+    b, h, d = q.shape
+    g, nf = k_full.shape[1], k_full.shape[2]
+    r = h // g  # query heads per KV head (GQA): query head i uses KV head i // r
+    qf = (q.float() * scaling).view(b, g, r, d)
+    full = qf @ k_full.float().transpose(-1, -2)  # [B, G, r, Nf]
+    nm = groups[0].k.shape[2] if groups else 0
+    if nm == 0:  # no middle token stored (short context, or every head keeps nothing)
+        return (torch.softmax(full, -1) @ v_full.float()).view(b, h, d).to(q.dtype)
+    logits = full.new_full((b, g, r, nf + nm), float("-inf"))  # middle of zero-count heads stays -inf
+    logits[..., :nf] = full
+    for grp in groups:
+        index = grp.channels[None, :, None, :].expand(b, -1, r, -1)  # [B, Gc, r, c]
+        q_kept = torch.gather(qf.index_select(1, grp.kv_heads), -1, index)  # [B, Gc, r, c]
+        logits[:, grp.kv_heads, :, nf:] = q_kept @ grp.k.float().transpose(-1, -2)  # [B, Gc, r, Nm]
+    p = torch.softmax(logits, -1)  # [B, G, r, Nf + Nm]
+    out = p[..., :nf] @ v_full.float()  # [B, G, r, D]
+    for grp in groups:
+        out.index_add_(1, grp.kv_heads, p[:, grp.kv_heads, :, nf:] @ grp.v.float())
+    return out.view(b, h, d).to(q.dtype)
+
+
+def triton_available() -> bool:
+    """True when the Triton LeanK kernel can be imported (``leank_ref.kernels``)."""
+    try:
+        from leank_ref.kernels import leank_decode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def leank_decode_triton(
+    q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
+) -> torch.Tensor:
+    """The same attention through the Triton kernel; the stored tensors are passed as they are (no copies)."""
+    from leank_ref.kernels import MiddleGroup as KernelGroup
+    from leank_ref.kernels import leank_decode
+
+    kernel_groups = [KernelGroup(g.kv_heads, g.channels, g.k, g.v) for g in groups if g.k.shape[2] > 0]
+    return leank_decode(q.contiguous(), k_full, v_full, kernel_groups, scale=scaling)
+
+
+def check_no_padding(attention_mask: torch.Tensor | None) -> None:
+    """Raise the "unsupported" error for padded batches (prompts of different lengths)."""
+    if attention_mask is None:
+        return
+    last = attention_mask[..., -1, :]  # what the last prompt token may attend to: every key, unless padding
+    padded = ~last.all() if attention_mask.dtype == torch.bool else (last != 0).any()
+    if bool(padded):
+        raise NotImplementedError(
+            "LeanKCache does not support padded batches (prompts of different lengths): sink, middle and recent "
+            "windows are cache positions, so padding would fall into them. Batch prompts of equal length, or "
+            "generate each prompt on its own."
+        )
+
+
+class LeanKAttention:
+    """The hook ``apply_leank`` installs: ordinary attention at prefill, LeanK decode attention after it.
+
+    A ``LeanKCache`` layer announces itself in ``pending`` when the model updates it; the hook, called
+    right after for the same layer, takes it and reads its store. With nothing pending (another cache,
+    or no cache) the hook is plain SDPA, so the model behaves densely.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend='{backend}' is not one of {BACKENDS}.")
+        if backend == "triton" and not triton_available():
+            raise ImportError("backend='triton' needs leank_ref.kernels (and triton); use backend='torch'.")
+        self.backend = backend
+        self.active = False  # set by the handle while the hook is installed
+        self.pending: tuple[DecodeStore, bool] | None = None  # (layer, is_prefill) of the last cache update
+
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether decode on ``device`` runs the Triton kernel (``auto``: on CUDA when the kernel imports)."""
+        if self.backend == "auto":
+            return device.type == "cuda" and triton_available()
+        return self.backend == "triton"
+
+    def decode(self, store: DecodeStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Decode attention of one layer: query [B, H, 1, D] -> [B, 1, H, D], reading ``store``."""
+        q = query[:, :, 0]  # [B, H, D]
+        run = leank_decode_triton if self.uses_triton(q.device) else leank_decode_torch
+        return run(q, store.keys, store.values, store.groups, scaling)[:, None]
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        store, is_prefill = pending
+        if store.layer_idx != module.layer_idx:
+            raise RuntimeError(
+                f"LeanKCache updated layer {store.layer_idx} but attention ran for layer {module.layer_idx}: another "
+                "attention hook is active inside apply_leank; remove it."
+            )
+        if is_prefill:
+            check_no_padding(attention_mask)
+            return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return self.decode(store, query, scaling)
