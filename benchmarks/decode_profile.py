@@ -14,9 +14,11 @@ times the whole step (the L2 is flushed once before each step, as the 32 layers'
 1. eager, layers back to back: what a plain PyTorch decode loop gets (host time can hide behind the GPU);
 2. as a CUDA graph: no host work at all, only the GPU's time (what serving engines run);
 3. the same for LeanK's full part alone (``leank_decode`` with no middle groups): the cost of the sink +
-   recent launch and the merge;
-4. a ``torch.profiler`` trace of eager LeanK steps: GPU time per kernel (full part, middle, merge, the -inf
-   fill of the scratch), and the GPU's busy share of the step's wall time.
+   recent launch and the merge, and for ``DecodeConfig(leank_single_launch=True)``: the full part and all
+   groups of a layer in one launch, no -inf fill (2 launches per layer instead of 4-6), checked against the
+   torch reference first;
+4. a ``torch.profiler`` trace of eager LeanK steps (both variants): GPU time per kernel (full part, middle,
+   merge, the -inf fill of the scratch), and the GPU's busy share of the step's wall time.
 
 Everything goes to DIR/decode_profile.json with leank_ref.provenance. ``--cpu-check`` runs the step functions
 once at tiny shapes in Triton's interpreter (no timing) to check the script's logic on a machine without CUDA.
@@ -39,7 +41,13 @@ if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kerne
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from leank_ref.kernels import dense_decode, leank_decode, leank_decode_reference, leank_layout_from_dense  # noqa: E402
+from leank_ref.kernels import (  # noqa: E402
+    DecodeConfig,
+    dense_decode,
+    leank_decode,
+    leank_decode_reference,
+    leank_layout_from_dense,
+)
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 
@@ -70,12 +78,25 @@ def step_functions(q, dense, leank, sdpa_backend=None) -> dict:
         with sdpa_kernel(sdpa_backend) if sdpa_backend is not None else nullcontext():
             return [F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0] for k, v in dense]
 
+    one_launch = DecodeConfig(leank_single_launch=True)
     return {
         "sdpa": sdpa,
         "dense_triton": lambda: [dense_decode(q, k, v) for k, v in dense],
         "leank_triton": lambda: [leank_decode(q, kf, vf, groups) for kf, vf, groups in leank],
+        "leank_triton_single_launch": lambda: [leank_decode(q, kf, vf, groups, config=one_launch)
+                                               for kf, vf, groups in leank],  # fmt: skip
         "leank_full_part_only": lambda: [leank_decode(q, kf, vf, []) for kf, vf, _ in leank],
     }
+
+
+def check_outputs(q, leank, fns: dict) -> dict:
+    """Largest relative error of each LeanK variant against the torch reference, over all layers."""
+    refs = [leank_decode_reference(q, kf, vf, groups).float() for kf, vf, groups in leank]
+    errors = {}
+    for name in ("leank_triton", "leank_triton_single_launch"):
+        outs = fns[name]()
+        errors[name] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))
+    return errors
 
 
 def time_step(fn, flush: torch.Tensor, reps: int) -> dict:
@@ -147,6 +168,10 @@ def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps:
     q, dense, leank = build_step(B, N, keep, "cuda", torch.bfloat16)
     fns = step_functions(q, dense, leank, sdpa_backend)
     result = {"B": B, "N": N, "layers": keep.shape[0], "sdpa_backend": str(sdpa_backend), "eager": {}, "graph": {}}
+    result["rel_err_vs_reference"] = check_outputs(q, leank, fns)
+    print(f"B{B} N{N}: LeanK relative error against the torch reference {result['rel_err_vs_reference']}", flush=True)
+    if not max(result["rel_err_vs_reference"].values()) < 2e-2:
+        raise SystemExit(f"LeanK outputs are wrong at B{B} N{N}: {result['rel_err_vs_reference']}")
     for name, fn in fns.items():
         result["eager"][name] = time_step(fn, flush, reps)
         try:
@@ -162,6 +187,7 @@ def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps:
             if "median_ms" in r and base:
                 r["speedup_vs_sdpa"] = base / r["median_ms"]
     result["leank_profile"] = kernel_profile(fns["leank_triton"])
+    result["leank_single_launch_profile"] = kernel_profile(fns["leank_triton_single_launch"])
     result["dense_profile"] = kernel_profile(fns["dense_triton"])
     del q, dense, leank, fns
     torch.cuda.empty_cache()
@@ -174,11 +200,13 @@ def cpu_check() -> None:
     q, dense, leank = build_step(1, N_SINK + N_RECENT + 40, keep, "cpu", torch.float32)
     fns = step_functions(q, dense, leank)
     outs = {name: fn() for name, fn in fns.items()}
+    print("relative errors against the reference:", check_outputs(q, leank, fns))
     for layer, (kf, vf, groups) in enumerate(leank):
         ref = leank_decode_reference(q, kf, vf, groups)
-        err = (outs["leank_triton"][layer] - ref).abs().max().item()
-        print(f"layer {layer}: {len(groups)} groups, LeanK vs reference max |diff| {err:.2e}")
-        assert err < 1e-4
+        for name in ("leank_triton", "leank_triton_single_launch"):
+            err = (outs[name][layer] - ref).abs().max().item()
+            print(f"layer {layer}: {len(groups)} groups, {name} vs reference max |diff| {err:.2e}")
+            assert err < 1e-4
     print("step functions run:", {name: len(o) for name, o in outs.items()})
 
 
@@ -218,9 +246,9 @@ def main() -> None:
             report["results"].append(profile_shape(B, N, keep, flush, args.reps, SDPBackend.FLASH_ATTENTION))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "decode_profile.json").write_text(json.dumps(report, indent=1))
-    for r in report["results"]:
-        prof = r["leank_profile"]
-        print(f"\nB{r['B']} N{r['N']}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
+    for r, variant in ((r, v) for r in report["results"] for v in ("leank_profile", "leank_single_launch_profile")):
+        prof = r[variant]
+        print(f"\nB{r['B']} N{r['N']} {variant}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
               f"{prof['gpu_busy_share']:.0%}; kernels (us per step, calls):")  # fmt: skip
         for name, k in list(prof["kernels"].items())[:8]:
             print(f"  {k['us_per_step']:9.1f} us  {k['calls_per_step']:5.0f}x  {name[:90]}")

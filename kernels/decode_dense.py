@@ -61,6 +61,9 @@ class DecodeConfig:
     num_stages: int = 3  # software-pipelining depth of the K/V loads (compiled mode only)
     programs_per_sm: int = 4  # automatic split count aims at this many programs per SM
     min_tokens_per_split: int = 256  # automatic splits never get fewer tokens than this
+    # LeanK only: the full part and up to 4 kept-count groups in one launch that also marks unused slots,
+    # instead of a -inf fill, one launch for the full part and one per group (not yet timed on a GPU).
+    leank_single_launch: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,20 +121,16 @@ def _store_partial(O_PART, LSE_PART, rows, h_mask, slot, S_TOTAL, m_i, l_i, acc,
 
 
 @triton.jit
-def _dense_partial_kernel(
-    Q, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, G, H, S_TOTAL, slot0,
+def _dense_program(
+    b, g, split, Q, K, V, O_PART, LSE_PART,
+    qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
     stride_qb, stride_qh,
     stride_kb, stride_kg, stride_kn,
     stride_vb, stride_vg, stride_vn,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program = one (sequence b, KV head g, split): all GROUP query heads of g, one chunk."""
-    pid_bg = tl.program_id(0).to(tl.int64)  # int64: b * stride_kb can pass 2**31 at long contexts
-    split = tl.program_id(1)
-    b = pid_bg // G
-    g = pid_bg % G
+    """Sequence b, KV head g, one split: all GROUP query heads of g over one chunk, written to slot0 + split."""
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP  # rows past GROUP are padding for tl.dot
     heads = g * GROUP + offs_h  # [BLOCK_H] query heads of KV head g
@@ -144,6 +143,26 @@ def _dense_partial_kernel(
         offs_d, offs_d < D, start, end, qk_scale, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
     )  # fmt: skip
     _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot0 + split, S_TOTAL, m_i, l_i, acc, D)
+
+
+@triton.jit
+def _dense_partial_kernel(
+    Q, K, V, O_PART, LSE_PART,
+    qk_scale, n_tokens, tokens_per_split, G, H, S_TOTAL, slot0,
+    stride_qb, stride_qh,
+    stride_kb, stride_kg, stride_kn,
+    stride_vb, stride_vg, stride_vn,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program = one (sequence b, KV head g, split): all GROUP query heads of g, one chunk."""
+    pid_bg = tl.program_id(0).to(tl.int64)  # int64: b * stride_kb can pass 2**31 at long contexts
+    _dense_program(
+        pid_bg // G, pid_bg % G, tl.program_id(1), Q, K, V, O_PART, LSE_PART,
+        qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
+        stride_qb, stride_qh, stride_kb, stride_kg, stride_kn, stride_vb, stride_vg, stride_vn,
+        GROUP, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -28,6 +28,13 @@ of two with a mask, so c = 96 loads 96 channels and the tensor cores see 128). I
 c + D values per middle token and KV head instead of 2 D: with the authors' Llama-3.1-8B mask
 (31.25 % of K channels kept, 47 of 256 heads without middle V) that is 56 % of the dense bytes,
 an ideal speed-up of 1.77x at long context.
+
+Launches. By default a layer costs one launch for the full part, one per group, a fill of the scratch
+with -inf and the merge. With ``DecodeConfig(leank_single_launch=True)`` the full part and up to four
+groups share one launch (a 1-D grid whose program ranges select the part; each part keeps its compile-time
+width), and the programs themselves mark the slots their heads leave unused, so a layer costs two launches,
+as dense decoding does. The H100 benchmark found a roughly fixed 60-120 us per layer of LeanK time that is not
+explained by bytes; whether this variant removes it has not been measured yet.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from .decode_dense import (
     LOG2E,
     DecodeConfig,
     _attend_tokens,
+    _dense_program,
     _store_partial,
     block_h,
     check_dtypes,
@@ -68,20 +76,16 @@ class MiddleGroup:
 
 
 @triton.jit
-def _leank_middle_kernel(
-    Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, GC, H, S_TOTAL, slot0,
+def _middle_program(
+    b, r, split, Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
+    qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
     stride_qb, stride_qh, stride_cr,
     stride_kb, stride_kr, stride_kn,
     stride_vb, stride_vr, stride_vn,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     C: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program = one (sequence b, row r of the group, split) over the group's middle tokens."""
-    pid_br = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    b = pid_br // GC
-    r = pid_br % GC
+    """Sequence b, row r of a group, one split of the group's middle tokens, written to slot0 + split."""
     g = tl.load(KV_HEADS + r)  # the KV head this row of the group stores
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
@@ -102,6 +106,130 @@ def _leank_middle_kernel(
         offs_c, c_mask, start, end, qk_scale, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
     )  # fmt: skip
     _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot0 + split, S_TOTAL, m_i, l_i, acc, D)
+
+
+@triton.jit
+def _leank_middle_kernel(
+    Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
+    qk_scale, n_tokens, tokens_per_split, GC, H, S_TOTAL, slot0,
+    stride_qb, stride_qh, stride_cr,
+    stride_kb, stride_kr, stride_kn,
+    stride_vb, stride_vr, stride_vn,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    C: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program = one (sequence b, row r of the group, split) over the group's middle tokens."""
+    pid_br = tl.program_id(0).to(tl.int64)
+    _middle_program(
+        pid_br // GC, pid_br % GC, tl.program_id(1), Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
+        qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
+        stride_qb, stride_qh, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
+        GROUP, BLOCK_H, BLOCK_N, C, C_PAD, D, DOT_PRECISION,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# One launch for the whole layer: the full part and up to MAX_FUSED_GROUPS groups
+# ----------------------------------------------------------------------------------------------
+MAX_FUSED_GROUPS = 4  # D / a for D = 128 and a = 32; more groups fall back to one launch per group
+
+
+@triton.jit
+def _fill_unused(LSE_PART, rows, h_mask, first, S_TOTAL, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lse = -inf in slots [first, S_TOTAL) of the given rows: slots this head leaves unused weigh nothing."""
+    for s0 in range(first, S_TOTAL, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        tl.store(LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], tl.full([BLOCK_H, BLOCK_S], float("-inf"), tl.float32),
+                 mask=h_mask[:, None] & (offs_s < S_TOTAL)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _count_in_group(g, KV_HEADS, GC, G_PAD: tl.constexpr):
+    """1 if KV head g is one of the group's GC heads, else 0."""
+    offs = tl.arange(0, G_PAD)
+    heads = tl.load(KV_HEADS + offs, mask=offs < GC, other=-1)
+    return tl.sum((heads == g).to(tl.int32), 0)
+
+
+@triton.jit
+def _group_program(
+    pid, first_pid, end_pid, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
+    KV_HEADS, CHANNELS, K, V, GC, NM, PER, SPLITS, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """If pid falls in [first_pid, end_pid): one (sequence, row, split) program of this group, splits fastest."""
+    if (pid >= first_pid) & (pid < end_pid):
+        local = pid - first_pid
+        split = local % SPLITS
+        br = local // SPLITS
+        b = br // GC
+        r = br % GC
+        _middle_program(
+            b, r, split, Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART, qk_scale, NM, PER, H, S_TOTAL, full_splits,
+            stride_qb, stride_qh, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
+            GROUP, BLOCK_H, BLOCK_N, C, C_PAD, D, DOT_PRECISION,
+        )  # fmt: skip
+        if split == 0:  # this head's slots past its own splits
+            offs_h = tl.arange(0, BLOCK_H)
+            g = tl.load(KV_HEADS + r)
+            _fill_unused(LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits + SPLITS, S_TOTAL,
+                         BLOCK_H, BLOCK_S)  # fmt: skip
+
+
+@triton.jit
+def _leank_fused_kernel(
+    Q, KF, VF, O_PART, LSE_PART,
+    qk_scale, H, G, S_TOTAL, n_full, full_per_split, full_splits, end_full,
+    stride_qb, stride_qh, stride_kfb, stride_kfg, stride_kfn, stride_vfb, stride_vfg, stride_vfn,
+    H0, CH0, K0, V0, GC0, NM0, PER0, SPLITS0, END0, scr0, skb0, skr0, skn0, svb0, svr0, svn0,
+    H1, CH1, K1, V1, GC1, NM1, PER1, SPLITS1, END1, scr1, skb1, skr1, skn1, svb1, svr1, svn1,
+    H2, CH2, K2, V2, GC2, NM2, PER2, SPLITS2, END2, scr2, skb2, skr2, skn2, svb2, svr2, svn2,
+    H3, CH3, K3, V3, GC3, NM3, PER3, SPLITS3, END3, scr3, skb3, skr3, skn3, svb3, svr3, svn3,
+    NUM_GROUPS: tl.constexpr, C0: tl.constexpr, CP0: tl.constexpr, C1: tl.constexpr, CP1: tl.constexpr,
+    C2: tl.constexpr, CP2: tl.constexpr, C3: tl.constexpr, CP3: tl.constexpr, G_PAD: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One program of a 1-D grid: programs [0, end_full) do the full part, then each group's range in turn."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < end_full:
+        split = pid % full_splits
+        bg = pid // full_splits
+        b = bg // G
+        g = bg % G
+        _dense_program(
+            b, g, split, Q, KF, VF, O_PART, LSE_PART, qk_scale, n_full, full_per_split, H, S_TOTAL, 0,
+            stride_qb, stride_qh, stride_kfb, stride_kfg, stride_kfn, stride_vfb, stride_vfg, stride_vfn,
+            GROUP, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
+        )  # fmt: skip
+        if split == 0:  # a head in no group (kept count 0) uses no middle slot
+            member = _count_in_group(g, H0, GC0, G_PAD)
+            if NUM_GROUPS >= 2:
+                member += _count_in_group(g, H1, GC1, G_PAD)
+            if NUM_GROUPS >= 3:
+                member += _count_in_group(g, H2, GC2, G_PAD)
+            if NUM_GROUPS >= 4:
+                member += _count_in_group(g, H3, GC3, G_PAD)
+            if member == 0:
+                offs_h = tl.arange(0, BLOCK_H)
+                _fill_unused(LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits, S_TOTAL,
+                             BLOCK_H, BLOCK_S)  # fmt: skip
+    _group_program(pid, end_full, END0, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
+                   H0, CH0, K0, V0, GC0, NM0, PER0, SPLITS0, scr0, skb0, skr0, skn0, svb0, svr0, svn0,
+                   GROUP, BLOCK_H, BLOCK_N, C0, CP0, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+    if NUM_GROUPS >= 2:
+        _group_program(pid, END0, END1, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
+                       H1, CH1, K1, V1, GC1, NM1, PER1, SPLITS1, scr1, skb1, skr1, skn1, svb1, svr1, svn1,
+                       GROUP, BLOCK_H, BLOCK_N, C1, CP1, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+    if NUM_GROUPS >= 3:
+        _group_program(pid, END1, END2, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
+                       H2, CH2, K2, V2, GC2, NM2, PER2, SPLITS2, scr2, skb2, skr2, skn2, svb2, svr2, svn2,
+                       GROUP, BLOCK_H, BLOCK_N, C2, CP2, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+    if NUM_GROUPS >= 4:
+        _group_program(pid, END2, END3, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
+                       H3, CH3, K3, V3, GC3, NM3, PER3, SPLITS3, scr3, skb3, skr3, skn3, svb3, svr3, svn3,
+                       GROUP, BLOCK_H, BLOCK_N, C3, CP3, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
 
 
 def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup]) -> None:
@@ -200,6 +328,12 @@ def leank_decode(
     ]  # (group, splits, tokens_per_split) for every group with middle tokens
     s_total = full_splits + max((splits for _, splits, _ in middles), default=0)
     o_part = torch.empty(B, H, s_total, D, device=q.device, dtype=torch.float32)
+    if config.leank_single_launch and 0 < len(middles) <= MAX_FUSED_GROUPS:
+        lse_part = torch.empty(B, H, s_total, device=q.device, dtype=torch.float32)  # the kernel marks unused slots
+        _launch_fused(q, k_full, v_full, middles, o_part, lse_part, qk_scale, full_splits, full_per_split, config)
+        out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+        launch_merge(o_part, lse_part, out)
+        return out
     if middles:  # slots a head leaves unused (the middle of a zero-count head) must weigh nothing
         lse_part = torch.full((B, H, s_total), float("-inf"), device=q.device, dtype=torch.float32)
     else:  # only the full part: the dense kernel writes every slot
@@ -221,6 +355,33 @@ def leank_decode(
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     launch_merge(o_part, lse_part, out)
     return out
+
+
+def _launch_fused(q, k_full, v_full, middles, o_part, lse_part, qk_scale, full_splits, full_per_split, config) -> None:
+    """One launch: B*G*full_splits full-part programs, then each group's B*Gc*splits programs (1-4 groups)."""
+    B, H, D = q.shape
+    G, Nf = k_full.shape[1], k_full.shape[2]
+    end = B * G * full_splits
+    group_args, constexprs = [], {}
+    for i in range(MAX_FUSED_GROUPS):
+        grp, splits, per_split = middles[min(i, len(middles) - 1)]  # absent groups repeat the last (never run)
+        Gc, Nm, c = grp.k.shape[1], grp.k.shape[2], grp.k.shape[3]
+        if i < len(middles):
+            end += B * Gc * splits
+        group_args += [grp.kv_heads, grp.channels, grp.k, grp.v, Gc, Nm, per_split, splits, end,
+                       grp.channels.stride(0), grp.k.stride(0), grp.k.stride(1), grp.k.stride(2),
+                       grp.v.stride(0), grp.v.stride(1), grp.v.stride(2)]  # fmt: skip
+        constexprs[f"C{i}"], constexprs[f"CP{i}"] = c, triton.next_power_of_2(c)
+    _leank_fused_kernel[(end,)](
+        q, k_full, v_full, o_part, lse_part,
+        qk_scale, H, G, o_part.shape[2], Nf, full_per_split, full_splits, B * G * full_splits,
+        q.stride(0), q.stride(1), k_full.stride(0), k_full.stride(1), k_full.stride(2),
+        v_full.stride(0), v_full.stride(1), v_full.stride(2),
+        *group_args,
+        NUM_GROUPS=len(middles), **constexprs, G_PAD=triton.next_power_of_2(G),
+        GROUP=H // G, BLOCK_H=block_h(H // G), BLOCK_N=config.block_n, D=D, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_S=16, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def leank_layout_from_dense(

@@ -7,6 +7,7 @@ runs every program in numpy. bf16 and the speed are checked on the GPU by benchm
 """
 
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -27,8 +28,8 @@ from leank_ref.kernels import (  # noqa: E402
     leank_decode_reference,
     leank_layout_from_dense,
 )
-from leank_ref.kernels import decode_dense  # noqa: E402
-from leank_ref.kernels.decode_dense import check_runnable, plan_splits  # noqa: E402
+from leank_ref.kernels import decode_dense, decode_leank  # noqa: E402
+from leank_ref.kernels.decode_dense import LOG2E, check_runnable, launch_merge, plan_splits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32  # exact (ieee) products in tl.dot: errors are rounding only
@@ -185,6 +186,48 @@ def test_leank_matches_references(B, H, G, N, D, counts, sink, recent, config):
     torch.testing.assert_close(out, simulated_leank(q, k, v, keep, sink, recent), **TOL)
     if N > sink + recent and any(0 < c < D for c in counts):  # the pruning must matter in this case
         assert not torch.allclose(out, sdpa_expanded(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=lambda i: LEANK_CASES[i].id)
+def test_leank_single_launch_matches_reference(case):
+    """The one-launch variant (full part and all groups together) computes the same attention."""
+    B, H, G, N, D, counts, sink, recent, config = LEANK_CASES[case].values
+    q, k, v = qkv(B, H, G, N, D, seed=N + D + 100)
+    keep = random_keep(G, D, counts, seed=N)
+    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
+    out = leank_decode(q, k_full, v_full, groups, config=replace(config or DecodeConfig(), leank_single_launch=True))
+    torch.testing.assert_close(out, masked_dense(q, k, v, keep, sink, recent), **TOL)
+
+
+def test_single_launch_marks_every_unused_slot():
+    """Scratch that starts as garbage (huge lse, NaN outputs) must not leak into the merge."""
+    B, H, G, N, D, sink, recent = 2, 8, 4, 200, 64, 8, 16
+    config = DecodeConfig(block_n=16, min_tokens_per_split=16)
+    q, k, v = qkv(B, H, G, N, D, seed=31)
+    keep = random_keep(G, D, [16, 0, 48, 16], seed=7)  # a zero-count head and groups with different splits
+    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
+    full_splits, full_per = plan_splits(k_full.shape[2], B * G, q.device, config)
+    middles = [(g, *plan_splits(g.k.shape[2], B * g.k.shape[1], q.device, config)) for g in groups]
+    assert len({splits for _, splits, _ in middles}) > 1  # so some group leaves slots unused
+    s_total = full_splits + max(splits for _, splits, _ in middles)
+    o_part = torch.full((B, H, s_total, D), float("nan"), device=DEVICE)
+    lse_part = torch.full((B, H, s_total), 1e4, device=DEVICE)
+    decode_leank._launch_fused(q, k_full, v_full, middles, o_part, lse_part, D**-0.5 * LOG2E, full_splits, full_per,
+                               config)  # fmt: skip
+    assert not (lse_part == 1e4).any()
+    out = torch.empty(B, H, D, device=DEVICE)
+    launch_merge(o_part, lse_part, out)
+    torch.testing.assert_close(out, masked_dense(q, k, v, keep, sink, recent), **TOL)
+
+
+def test_more_groups_than_one_launch_takes():
+    """Five distinct kept counts exceed MAX_FUSED_GROUPS: the wrapper falls back to one launch per group."""
+    q, k, v = qkv(1, 8, 8, 100, 128, seed=37)
+    keep = random_keep(8, 128, [16, 32, 48, 64, 80, 0, 16, 32], seed=9)
+    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 16)
+    assert len(groups) > decode_leank.MAX_FUSED_GROUPS
+    out = leank_decode(q, k_full, v_full, groups, config=DecodeConfig(leank_single_launch=True))
+    torch.testing.assert_close(out, masked_dense(q, k, v, keep, 8, 16), **TOL)
 
 
 def test_leank_all_channels_kept_is_dense():
