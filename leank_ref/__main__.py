@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, str] = {  # command -> module defining add_arguments(parser) and run_command(args)
     "train": "leank_ref.training",
+    "evaluate": "leank_ref.evaluation",
 }
 
 
