@@ -11,7 +11,8 @@ the step should cost little more than the prefill; the target is <= 2.5x.
 
 For each task of the training mixture, one example with exactly ``--context`` context tokens is built; the
 prefill and the step are timed alternately, ``--repeats`` times each after a warm-up, so both see the same
-machine load; medians are reported. The step's parts are timed separately too (prefill, teacher, student
+machine load; medians are reported. On a loaded machine the alternating timings are noisy; the step's parts,
+timed inside one step, also give a paired ratio (whole step / its own prefill) that is less exposed to load. The step's parts are timed separately too (prefill, teacher, student
 forward, backward, optimizer), and one step is profiled with ``torch.profiler`` (top operators by self time),
 to say where the time goes. Everything goes to one JSON file with :func:`leank_ref.provenance.provenance`.
 """
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
             steps.append(timed(lambda: trainer.step(example), device))
         parts = [step_parts(trainer, example, device) for _ in range(max(3, args.repeats // 2))]
         median_parts = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        # paired: the whole step over its own prefill, within one call (less exposed to load changes)
+        paired = statistics.median(sum(p.values()) / p["prefill"] for p in parts)
         per_task[task] = {
             "context_tokens": example.length_context,
             "answer_tokens": len(example.input_ids) - example.length_context,
@@ -138,10 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
             "step_median_s": statistics.median(steps),
             "ratio_step_to_prefill": statistics.median(steps) / statistics.median(prefills),
             "step_parts_median_s": median_parts,
+            "ratio_step_to_own_prefill_paired": paired,
         }
         print(f"{task:>13}: prefill {per_task[task]['prefill_median_s'] * 1e3:7.1f} ms, step "
               f"{per_task[task]['step_median_s'] * 1e3:7.1f} ms, ratio {per_task[task]['ratio_step_to_prefill']:.2f} "
-              f"({per_task[task]['answer_tokens']} answer tokens)")
+              f"(paired within a step: {paired:.2f}; {per_task[task]['answer_tokens']} answer tokens)")
 
     ratios = [r["ratio_step_to_prefill"] for r in per_task.values()]
     worst_task = max(per_task, key=lambda t: per_task[t]["ratio_step_to_prefill"])
