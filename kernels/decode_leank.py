@@ -161,7 +161,7 @@ def _group_program(
     """If pid falls in [first_pid, end_pid): one (sequence, row, split) program of this group, splits fastest."""
     if (pid >= first_pid) & (pid < end_pid):
         local = pid - first_pid
-        split = local % SPLITS
+        split = (local % SPLITS).to(tl.int32)  # int32 like program_id(1) in the one-launch-per-part kernels
         br = local // SPLITS
         b = br // GC
         r = br % GC
@@ -194,7 +194,7 @@ def _leank_fused_kernel(
     """One program of a 1-D grid: programs [0, end_full) do the full part, then each group's range in turn."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < end_full:
-        split = pid % full_splits
+        split = (pid % full_splits).to(tl.int32)
         bg = pid // full_splits
         b = bg // G
         g = bg % G

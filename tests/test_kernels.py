@@ -7,6 +7,8 @@ runs every program in numpy. bf16 and the speed are checked on the GPU by benchm
 """
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -389,3 +391,19 @@ def test_leank_full_part_errors():
         leank_decode(q, k_full, v_full, [MiddleGroup(g.kv_heads, g.channels, g.k.half(), g.v) for g in groups])
     with pytest.raises(ValueError, match=r"keep has shape \[2, 32\] but the cache needs \[2, 64\]"):
         leank_layout_from_dense(k_full, v_full, torch.ones(2, 32, dtype=torch.bool), 8, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU compiler (no GPU needed): the interpreter accepts code that Triton's compiler rejects
+# ----------------------------------------------------------------------------------------------
+def test_kernels_compile_for_h100_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-m", "leank_ref.kernels.compile_check"], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if "registers/thread" in line}
+    assert set(lines) == {"dense partials", "merge", "LeanK middle, c=32", "LeanK middle, c=96",
+                          "LeanK single launch, 3 groups"}, run.stdout  # fmt: skip
+    for name in ("dense partials", "merge", "LeanK middle, c=32", "LeanK middle, c=96"):
+        assert "spill stack 0 B" in lines[name], lines[name]

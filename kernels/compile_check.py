@@ -1,0 +1,102 @@
+"""Compile the decode kernels for an NVIDIA GPU on a machine without one, and report their resources.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on a CPU but accepts code the GPU compiler
+rejects, and says nothing about registers or shared memory. Triton's wheel ships ``ptxas``, so the real
+compiler can run anywhere: this module compiles each kernel for a given architecture (default sm_90, the
+H100) and reads the registers per thread, spill stack and shared memory of the cubin. Run it in a process
+where the kernels were *not* defined by the interpreter::
+
+    python -m leank_ref.kernels.compile_check          # prints one line per kernel variant
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import decode_dense, decode_leank
+
+_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KF": "*bf16", "VF": "*bf16", "O_PART": "*fp32",
+             "LSE_PART": "*fp32", "OUT": "*bf16", "KV_HEADS": "*i64", "CHANNELS": "*i64"}  # fmt: skip
+for _i in range(decode_leank.MAX_FUSED_GROUPS):
+    _POINTERS.update({f"H{_i}": "*i64", f"CH{_i}": "*i64", f"K{_i}": "*bf16", f"V{_i}": "*bf16"})
+
+
+@dataclass
+class Resources:
+    """What one compiled kernel variant needs per program."""
+
+    name: str
+    registers: int  # per thread
+    stack_bytes: int  # per thread; > 0 means registers spilled
+    shared_bytes: int  # dynamic shared memory per program
+
+    def programs_per_sm(self, num_warps: int, regs_per_sm: int = 65536, shared_per_sm: int = 228 * 1024) -> int:
+        """Programs that fit on one SM by registers and shared memory (H100 limits; 256-register warp granules)."""
+        per_warp = -(-self.registers * 32 // 256) * 256
+        by_regs = regs_per_sm // (per_warp * num_warps)
+        by_shared = shared_per_sm // max(self.shared_bytes, 1)
+        return min(by_regs, by_shared)
+
+
+def compile_kernel(kernel, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3) -> Resources:
+    """Compile one variant of a @triton.jit kernel (bf16 tensors, int32 scalars) for sm_<arch>; return its resources."""
+    if not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction":
+        raise RuntimeError("the kernels were defined by Triton's interpreter: run this without TRITON_INTERPRET set")
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = _POINTERS.get(name, "i32")
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    regs = re.search(r"REG:(\d+)", usage.stdout)
+    stack = re.search(r"STACK:(\d+)", usage.stdout)
+    if regs is None or stack is None:
+        raise RuntimeError(f"could not read the resource usage of {kernel.__name__}: {usage.stdout[:200]}")
+    return Resources(kernel.__name__, int(regs.group(1)), int(stack.group(1)), int(compiled.metadata.shared))
+
+
+def default_variants(config: decode_dense.DecodeConfig = decode_dense.DecodeConfig()) -> dict:
+    """Kernel variants of a Llama-3.1-8B decode (H/G = 4, D = 128): name -> (kernel, constexprs)."""
+    base = dict(GROUP=4, BLOCK_H=16, BLOCK_N=config.block_n, D=128, DOT_PRECISION="tf32")
+    fused = dict(base, NUM_GROUPS=3, G_PAD=8, BLOCK_S=16, C0=32, CP0=32, C1=64, CP1=64, C2=96, CP2=128, C3=96, CP3=128)
+    return {
+        "dense partials": (decode_dense._dense_partial_kernel, base),
+        "merge": (decode_dense._merge_kernel, dict(BLOCK_S=16, D=128)),
+        "LeanK middle, c=32": (decode_leank._leank_middle_kernel, dict(base, C=32, C_PAD=32)),
+        "LeanK middle, c=96": (decode_leank._leank_middle_kernel, dict(base, C=96, C_PAD=128)),
+        "LeanK single launch, 3 groups": (decode_leank._leank_fused_kernel, fused),
+    }
+
+
+def main() -> None:
+    """Compile the default variants for sm_90 and print their resources."""
+    config = decode_dense.DecodeConfig()
+    for label, (kernel, constexprs) in default_variants(config).items():
+        r = compile_kernel(kernel, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+        print(f"{label:>30}: {r.registers} registers/thread, spill stack {r.stack_bytes} B, shared {r.shared_bytes} B, "
+              f"{r.programs_per_sm(config.num_warps)} programs/SM")
+
+
+if __name__ == "__main__":
+    main()
