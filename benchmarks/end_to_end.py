@@ -169,6 +169,7 @@ def check_correctness(model, handles: dict, device: str, prompt: int, steps: int
             seq.append(nxt)
         tokens[kind] = torch.cat(seq, 1)[0].tolist()
     same = sum(a == b for a, b in zip(tokens["dense"], tokens["leank_ones"]))
+    out["first_step_logits"] = first_step_logit_gap(model, handles, ids)
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens["dense"], tokens["leank_ones"])) if a != b), None)
     out["all_ones_greedy"] = {"steps": steps, "same_tokens": same, "first_difference": first_diff,
                               "dense": tokens["dense"], "leank_ones": tokens["leank_ones"]}
@@ -190,6 +191,21 @@ def check_correctness(model, handles: dict, device: str, prompt: int, steps: int
                                         "middle_tokens": cache.layers[0].middle, "tolerance": 2e-2}
     out["passed"] = same == steps and max(errors) <= 2e-2
     return out
+
+
+def first_step_logit_gap(model, handles: dict, ids: torch.Tensor) -> dict:
+    """Logits of the first decode step (dense vs all-ones LeanK): largest difference, and dense's top-1 margin."""
+    logits = {}
+    for kind in ("dense", "leank_ones"):
+        _activate(handles, kind)
+        cache = new_cache(kind, handles, ids.shape[1] + 2)
+        nxt = prefill(model, ids, cache)
+        out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        logits[kind] = out.logits[0, -1].float()
+    top2 = logits["dense"].topk(2).values
+    return {"max_abs_difference": float((logits["dense"] - logits["leank_ones"]).abs().max()),
+            "dense_logit_std": float(logits["dense"].std()), "dense_top1_margin": float(top2[0] - top2[1]),
+            "same_argmax": bool(logits["dense"].argmax() == logits["leank_ones"].argmax())}
 
 
 def time_prefill(model, handles: dict, tokens: int, device: str, repeats: int) -> dict:
@@ -266,7 +282,7 @@ def profile_steps(model, handles: dict, batch: int, tokens: int, steps: int, dev
     from torch.profiler import ProfilerActivity, profile
 
     families = {
-        "attention": ("flash", "fmha", "attention", "decode", "_merge", "sdpa", "cudnn"),
+        "attention": ("flash", "fmha", "attention", "decode", "_merge", "sdpa", "cudnn", "leank", "_dense_partial"),
         "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"),
         "cache_copy": ("cat", "copy", "index", "gather", "scatter", "fill"),
     }
@@ -301,21 +317,9 @@ def profile_steps(model, handles: dict, batch: int, tokens: int, steps: int, dev
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for end_to_end.json")
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
-    parser.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768])
-    parser.add_argument("--budget-gib", type=float, default=70.0, help="memory budget for the largest-batch search")
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
-    parser.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU, to check the script")
-    args = parser.parse_args()
-
-    cpu = args.cpu_check
+def setup(cpu: bool, dtype: torch.dtype):
+    """The model, its mask, windows and the LeanK handles (real mask, all-ones) for a run."""
     device = "cpu" if cpu else "cuda"
-    if not cpu and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run this on a GPU machine, or pass --cpu-check for a logic check on CPU")
-    dtype = torch.float32 if cpu else torch.bfloat16
     model = build_model(TINY if cpu else LLAMA_31_8B, dtype, device)
     cfg = model.config
     if cpu:
@@ -326,17 +330,62 @@ def main() -> int:
         for l in range(cfg.num_hidden_layers):
             for g in range(cfg.num_key_value_heads):
                 mask[l, g, scores[l, g].topk(int(counts[l, g])).indices] = 1
-        sink, recent, block, align = 4, 16, 8, 16
+        windows = (4, 16, 8, 16)
     else:
         mask = load_mask(MASK)
-        sink, recent, block, align = SINK, RECENT, BLOCK, 32
-    backend = "triton"
+        windows = (SINK, RECENT, BLOCK, 32)
+    sink, recent, block, align = windows
     handles = {
-        "leank": apply_leank(model, mask, sink, recent, block, align=align, backend=backend),
-        "leank_ones": apply_leank(model, torch.ones_like(mask), sink, recent, block, align=align, backend=backend),
+        "leank": apply_leank(model, mask, sink, recent, block, align=align, backend="triton"),
+        "leank_ones": apply_leank(model, torch.ones_like(mask), sink, recent, block, align=align, backend="triton"),
     }
     for h in handles.values():
         h.remove()
+    return model, mask, windows, handles
+
+
+def correctness_only(args) -> int:
+    """The correctness checks in float32 (exact products in the kernels) and in bfloat16, one model at a time."""
+    cpu = args.cpu_check
+    device = "cpu" if cpu else "cuda"
+    result = {"benchmark": "end_to_end_correctness", "provenance": provenance(device), "cpu_check": cpu,
+              "model": "tiny (cpu check)" if cpu else "Llama-3.1-8B config, random weights",
+              "windows": dict(zip(("sink", "recent", "block", "align"), (4, 16, 8, 16) if cpu else (SINK, RECENT, BLOCK, 32)))}
+    dtypes = (torch.float32,) if cpu else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        model, mask, windows, handles = setup(cpu, dtype)
+        check = check_correctness(model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32)
+        result[str(dtype).removeprefix("torch.")] = check
+        print(dtype, json.dumps({k: v for k, v in check.items() if k != "all_ones_greedy"}),
+              "same tokens", check["all_ones_greedy"]["same_tokens"], flush=True)
+        del model, handles
+        free_memory(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "end_to_end_correctness.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for end_to_end.json")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--budget-gib", type=float, default=70.0, help="memory budget for the largest-batch search")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
+    parser.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU, to check the script")
+    parser.add_argument("--correctness-only", action="store_true",
+                        help="only the correctness checks, in float32 and bfloat16 -> end_to_end_correctness.json")
+    args = parser.parse_args()
+    if args.correctness_only:
+        return correctness_only(args)
+
+    cpu = args.cpu_check
+    device = "cpu" if cpu else "cuda"
+    if not cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run this on a GPU machine, or pass --cpu-check for a logic check on CPU")
+    dtype = torch.float32 if cpu else torch.bfloat16
+    model, mask, (sink, recent, block, _), handles = setup(cpu, dtype)
+    backend = "triton"
     result = {"benchmark": "end_to_end", "provenance": provenance(device),
               "model": {"config": "Llama-3.1-8B (random bf16 weights)" if not cpu else "tiny (cpu check)",
                         **{k: v for k, v in (TINY if cpu else LLAMA_31_8B).items()}},
