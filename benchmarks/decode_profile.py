@@ -14,9 +14,9 @@ times the whole step (the L2 is flushed once before each step, as the 32 layers'
 1. eager, layers back to back: what a plain PyTorch decode loop gets (host time can hide behind the GPU);
 2. as a CUDA graph: no host work at all, only the GPU's time (what serving engines run);
 3. the same for LeanK's full part alone (``leank_decode`` with no middle groups): the cost of the sink +
-   recent launch and the merge, and for ``DecodeConfig(leank_single_launch=True)``: the full part and all
-   groups of a layer in one launch, no -inf fill (2 launches per layer instead of 4-6), checked against the
-   torch reference first;
+   recent launch and the merge; LeanK runs with the default configuration (``leank_single_launch``: the full
+   part and all groups of a layer in one launch, no -inf fill, 2 launches per layer) and with one launch per
+   part (``leank_triton_per_part``: 4-6 launches per layer), both checked against the torch reference first;
 4. a ``torch.profiler`` trace of eager LeanK steps (both variants): GPU time per kernel (full part, middle,
    merge, the -inf fill of the scratch), and the GPU's busy share of the step's wall time.
 
@@ -78,13 +78,13 @@ def step_functions(q, dense, leank, sdpa_backend=None) -> dict:
         with sdpa_kernel(sdpa_backend) if sdpa_backend is not None else nullcontext():
             return [F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0] for k, v in dense]
 
-    one_launch = DecodeConfig(leank_single_launch=True)
+    per_part = DecodeConfig(leank_single_launch=False)
     return {
         "sdpa": sdpa,
         "dense_triton": lambda: [dense_decode(q, k, v) for k, v in dense],
         "leank_triton": lambda: [leank_decode(q, kf, vf, groups) for kf, vf, groups in leank],
-        "leank_triton_single_launch": lambda: [leank_decode(q, kf, vf, groups, config=one_launch)
-                                               for kf, vf, groups in leank],  # fmt: skip
+        "leank_triton_per_part": lambda: [leank_decode(q, kf, vf, groups, config=per_part)
+                                          for kf, vf, groups in leank],  # fmt: skip
         "leank_full_part_only": lambda: [leank_decode(q, kf, vf, []) for kf, vf, _ in leank],
     }
 
@@ -93,7 +93,7 @@ def check_outputs(q, leank, fns: dict) -> dict:
     """Largest relative error of each LeanK variant against the torch reference, over all layers."""
     refs = [leank_decode_reference(q, kf, vf, groups).float() for kf, vf, groups in leank]
     errors = {}
-    for name in ("leank_triton", "leank_triton_single_launch"):
+    for name in ("leank_triton", "leank_triton_per_part"):
         outs = fns[name]()
         errors[name] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))
     return errors
@@ -187,7 +187,7 @@ def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps:
             if "median_ms" in r and base:
                 r["speedup_vs_sdpa"] = base / r["median_ms"]
     result["leank_profile"] = kernel_profile(fns["leank_triton"])
-    result["leank_single_launch_profile"] = kernel_profile(fns["leank_triton_single_launch"])
+    result["leank_per_part_profile"] = kernel_profile(fns["leank_triton_per_part"])
     result["dense_profile"] = kernel_profile(fns["dense_triton"])
     del q, dense, leank, fns
     torch.cuda.empty_cache()
@@ -203,7 +203,7 @@ def cpu_check() -> None:
     print("relative errors against the reference:", check_outputs(q, leank, fns))
     for layer, (kf, vf, groups) in enumerate(leank):
         ref = leank_decode_reference(q, kf, vf, groups)
-        for name in ("leank_triton", "leank_triton_single_launch"):
+        for name in ("leank_triton", "leank_triton_per_part"):
             err = (outs[name][layer] - ref).abs().max().item()
             print(f"layer {layer}: {len(groups)} groups, {name} vs reference max |diff| {err:.2e}")
             assert err < 1e-4
@@ -246,7 +246,7 @@ def main() -> None:
             report["results"].append(profile_shape(B, N, keep, flush, args.reps, SDPBackend.FLASH_ATTENTION))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "decode_profile.json").write_text(json.dumps(report, indent=1))
-    for r, variant in ((r, v) for r in report["results"] for v in ("leank_profile", "leank_single_launch_profile")):
+    for r, variant in ((r, v) for r in report["results"] for v in ("leank_profile", "leank_per_part_profile")):
         prof = r[variant]
         print(f"\nB{r['B']} N{r['N']} {variant}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
               f"{prof['gpu_busy_share']:.0%}; kernels (us per step, calls):")  # fmt: skip

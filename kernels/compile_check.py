@@ -82,7 +82,7 @@ def default_variants(config: decode_dense.DecodeConfig = decode_dense.DecodeConf
     fused = dict(base, NUM_GROUPS=3, G_PAD=8, BLOCK_S=16, C0=32, CP0=32, C1=64, CP1=64, C2=96, CP2=128, C3=96, CP3=128)
     return {
         "dense partials": (decode_dense._dense_partial_kernel, base),
-        "merge": (decode_dense._merge_kernel, dict(BLOCK_S=16, D=128)),
+        "merge": (decode_dense._merge_kernel, dict(BLOCK_S=64, BLOCK_D=32, D=128)),
         "LeanK middle, c=32": (decode_leank._leank_middle_kernel, dict(base, C=32, C_PAD=32)),
         "LeanK middle, c=96": (decode_leank._leank_middle_kernel, dict(base, C=96, C_PAD=128)),
         "LeanK single launch, 3 groups": (decode_leank._leank_fused_kernel, fused),
