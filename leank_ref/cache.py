@@ -32,6 +32,7 @@ Batches: prompts of equal length only; padded batches raise ``NotImplementedErro
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -407,12 +408,16 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+_INSTALLED: "weakref.WeakKeyDictionary[object, LeanKHandle]" = weakref.WeakKeyDictionary()  # model -> its handle
+
+
 @dataclass
 class LeanKHandle:
     """LeanK applied to a model: the decode hook (installed until :meth:`remove`) and caches for ``generate``.
 
     ``with apply_leank(model, mask) as lk: out = lk.generate(ids, max_new_tokens=64)``; after the block (or
-    ``lk.remove()``) the model is dense again. ``lk.cache`` is the cache of the last :meth:`generate` (for
+    ``lk.remove()``) the model is dense again. One handle is installed per model at a time: installing another
+    removes the previous one (whose caches then refuse to decode until it is reinstalled). ``lk.cache`` is the cache of the last :meth:`generate` (for
     :meth:`LeanKCache.memory_report`); ``lk.new_cache()`` gives a fresh one to pass to ``model.generate``
     yourself, by the keyword :func:`cache_argument` names.
     """
@@ -443,7 +448,11 @@ class LeanKHandle:
     def install(self) -> "LeanKHandle":
         """Route the model's attention through the LeanK hook (done by :func:`apply_leank`; idempotent)."""
         if self._hook_ctx is None:
+            previous = _INSTALLED.get(self.model)
+            if previous is not None and previous is not self:
+                previous.remove()
             self._hook_ctx = use_hook(self.model, self.attention)
+            _INSTALLED[self.model] = self
             self._hook_ctx.__enter__()
             self.attention.active = True
         return self
@@ -455,6 +464,8 @@ class LeanKHandle:
             self.attention.pending = None
             self._hook_ctx.__exit__(None, None, None)
             self._hook_ctx = None
+            if _INSTALLED.get(self.model) is self:
+                del _INSTALLED[self.model]
 
     def __enter__(self) -> "LeanKHandle":
         return self.install()

@@ -327,6 +327,21 @@ def test_cache_misuse_gives_clear_errors(model, tokenizer):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_second_handle_replaces_the_first(model, tokenizer):
+    """Two handles on one model never mix: installing one removes the other, whose cache then refuses to decode."""
+    ids = continuation_example(tokenizer, 60, seed=7).context_ids[None]
+    first = apply_leank(model, r07_test_mask(), sink=SINK, recent=RECENT, block=BLOCK)
+    second = apply_leank(model, torch.ones(30, 3, 64), sink=SINK, recent=RECENT, block=BLOCK)
+    assert not first.attention.active and second.attention.active
+    name = cache_argument(model)
+    with pytest.raises(RuntimeError, match="apply_leank"), torch.no_grad():
+        model(ids, **{name: first.new_cache()})
+    dense = greedy(model, ids, 6)
+    with second:
+        assert torch.equal(second.generate(ids, 6, min_new_tokens=6, do_sample=False), dense)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_crop_and_batch_selection():
     mask = r07_test_mask()[:2]
     cache = filled_cache(mask, 60, torch.float32, batch=3)
