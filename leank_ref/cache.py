@@ -417,9 +417,9 @@ class LeanKHandle:
 
     ``with apply_leank(model, mask) as lk: out = lk.generate(ids, max_new_tokens=64)``; after the block (or
     ``lk.remove()``) the model is dense again. One handle is installed per model at a time: installing another
-    removes the previous one (whose caches then refuse to decode until it is reinstalled). ``lk.cache`` is the cache of the last :meth:`generate` (for
-    :meth:`LeanKCache.memory_report`); ``lk.new_cache()`` gives a fresh one to pass to ``model.generate``
-    yourself, by the keyword :func:`cache_argument` names.
+    removes the previous one (whose caches then refuse to decode until it is reinstalled). ``lk.cache`` is the
+    cache of the last :meth:`generate` (for :meth:`LeanKCache.memory_report`); ``lk.new_cache(max_tokens)`` gives
+    a fresh one to pass to ``model.generate`` yourself, by the keyword :func:`cache_argument` names.
     """
 
     model: object
@@ -452,8 +452,8 @@ class LeanKHandle:
             if previous is not None and previous is not self:
                 previous.remove()
             self._hook_ctx = use_hook(self.model, self.attention)
-            _INSTALLED[self.model] = self
             self._hook_ctx.__enter__()
+            _INSTALLED[self.model] = self
             self.attention.active = True
         return self
 
