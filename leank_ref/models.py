@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +108,16 @@ def _convert_default(target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: concurrent first loads
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "leank_ref_source.json").write_text(json.dumps({"gguf": gguf.name, "package": GGUF_PACKAGE}))
-    tmp.replace(target)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process finished its conversion first: keep its copy
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_model_path() -> Path:
