@@ -392,7 +392,7 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    return (max(0.0, min(p, center - half)), min(1.0, max(p, center + half)))  # contains p despite rounding
 
 
 def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
