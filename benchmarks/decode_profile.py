@@ -51,10 +51,8 @@ from leank_ref.kernels import (  # noqa: E402
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 
-H, G, D = 32, 8, 128  # Llama-3.1-8B attention
-N_SINK, N_RECENT = 128, 768
-MASK = "masks/reference/llama3.1-8b-instruct.pth"
-FLUSH_BYTES = 1 << 30
+# The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
+from decode_kernels import D, FLUSH_BYTES, G, H, MASK, N_RECENT, N_SINK  # noqa: E402
 
 
 def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dtype):
