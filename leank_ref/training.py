@@ -17,7 +17,6 @@ depend on ``s``. One no-grad prefill serves the teacher and the student; only th
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from leank_ref.attention import SimulatedLeanK, use_hook
+from leank_ref.cache import cache_argument
 from leank_ref.data import IGNORE_INDEX, TASKS, Example, make_example
 from leank_ref.masks import binarize, check_align, check_ratio, check_shape, mask_stats
 from leank_ref.models import model_facts
@@ -112,7 +112,7 @@ def held_out_examples(tokenizer, config: TrainConfig, count: int) -> list[Exampl
 
 def _cache_kwarg(model) -> str:
     """Name of the cache argument of the base model's forward (transformers 5.24 renamed it to ``cache``)."""
-    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    return cache_argument(model.base_model)
 
 
 def _crop(cache: DynamicCache, length: int) -> None:

@@ -64,7 +64,7 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
         sim = generate_rows(model, capture, int(last.argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
             with apply_leank(model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch") as lk:
-                out = model.generate(ex.context_ids[None], cache=lk.cache, max_new_tokens=16, do_sample=False)
+                out = lk.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # either cache keyword
             real_ids = out[0, ex.length_context:].tolist()
             assert real_ids == sim_ids[: len(real_ids)]
             assert tokenizer.decode(real_ids, skip_special_tokens=True).count(ex.answer) == \
