@@ -40,6 +40,7 @@ from leank_ref.kernels import (
     leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
+    masked_dense_reference,
 )
 
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
@@ -146,23 +147,6 @@ def dense_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------
 # Correctness on the GPU
 # ---------------------------------------------------------------------------------------------
-def masked_dense(q, k, v, keep, n_sink, n_recent):
-    """Dense attention with pruned middle channels zeroed and zero-count heads' middle excluded."""
-    B, Hq, Dh = q.shape
-    Gk, N = k.shape[1], k.shape[2]
-    R = Hq // Gk
-    mid = slice(n_sink, max(n_sink, N - n_recent))
-    k = k.float().clone()
-    k[:, :, mid] *= keep[None, :, None, :].float()
-    allowed = torch.ones(B, Gk, N, dtype=torch.bool, device=q.device)
-    allowed[:, keep.sum(1) == 0, mid] = False
-    allowed = allowed.repeat_interleave(R, 1)[:, :, None]  # [B, H, 1, N]
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None], k.repeat_interleave(R, 1), v.float().repeat_interleave(R, 1), attn_mask=allowed
-    )
-    return out[:, :, 0]
-
-
 def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> list[dict]:
     """Dense and LeanK kernels against references at small odd shapes, both dtypes, D = 64 and 128."""
     checks = []
@@ -192,7 +176,7 @@ def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
                 checks.append({"kernel": "leank", "dtype": str(dtype), "B": B, "H": Hq, "G": Gk, "N": N, "D": Dh,
                                "counts": counts,
                                "rel_err_vs_reference": rel_err(out, leank_decode_reference(q, k_full, v_full, groups)),
-                               "rel_err_vs_masked_dense": rel_err(out, masked_dense(q, k, v, keep, n_sink, n_recent))})  # fmt: skip
+                               "rel_err_vs_masked_dense": rel_err(out, masked_dense_reference(q, k, v, keep, n_sink, n_recent))})  # fmt: skip
     worst = max(max(v for key, v in c.items() if key.startswith("rel_err")) for c in checks)
     print(f"GPU checks: {len(checks)} cases, worst relative error {worst:.2e}")
     if not worst < 2e-2:

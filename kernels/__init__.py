@@ -7,6 +7,7 @@ from .decode_leank import (
     leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
+    masked_dense_reference,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "leank_decode",
     "leank_decode_reference",
     "leank_layout_from_dense",
+    "masked_dense_reference",
 ]

@@ -441,3 +441,30 @@ def leank_decode_reference(
 
 
 __all__ = ["MiddleGroup", "check_group_indices", "leank_decode", "leank_decode_reference", "leank_layout_from_dense"]
+
+
+def masked_dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, sink: int, recent: int
+) -> torch.Tensor:
+    """LeanK's attention for the newest token, computed on the dense cache (float32 SDPA) [B, H, D].
+
+    An independent check of the compact layout: q [B, H, D], k, v [B, G, N, D], keep [G, D] (bool or 0/1);
+    the middle tokens ``[sink, N - recent)`` see K with the pruned channels zeroed, and a head that keeps no
+    channel skips its middle tokens entirely (the deployed meaning).
+    """
+    B, H, D = q.shape
+    G, N = k.shape[1], k.shape[2]
+    R = H // G
+    keep = keep.bool()
+    mid = slice(sink, max(sink, N - recent))
+    k = k.float().clone()
+    k[:, :, mid] *= keep[None, :, None, :].float()
+    allowed = torch.ones(B, G, N, dtype=torch.bool, device=q.device)
+    allowed[:, keep.sum(1) == 0, mid] = False
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None],
+        k.repeat_interleave(R, 1),
+        v.float().repeat_interleave(R, 1),
+        attn_mask=allowed.repeat_interleave(R, 1)[:, :, None],  # [B, H, 1, N]
+    )
+    return out[:, :, 0]

@@ -178,3 +178,18 @@ class SimulatedLeanK:
         logits = logits.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(logits, dim=-1) @ vf  # [B, H, T, D]
         return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, T, H, D]
+
+
+def simulate_newest_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, sink: int, recent: int
+) -> torch.Tensor:
+    """:class:`SimulatedLeanK` (deployed meaning) for one new token over a one-layer cache: [B, H, D].
+
+    q [B, H, D] is the newest token's query, k, v [B, G, N, D] the cache including that token, keep [G, D]
+    the layer's 0/1 mask. For checking decode kernels and caches against the training-time simulation.
+    """
+    from types import SimpleNamespace
+
+    sim = SimulatedLeanK(keep[None].float(), sink=sink, recent=recent, exclude_zero_heads=True)
+    layer = SimpleNamespace(layer_idx=0, num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True)
+    return sim(layer, q[:, :, None], k, v, attention_mask=None)[:, 0]  # [B, 1, H, D] -> [B, H, D]

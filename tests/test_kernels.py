@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
@@ -20,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from leank_ref.attention import SimulatedLeanK  # noqa: E402
+from leank_ref.attention import simulate_newest_query  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
     DecodeConfig,
     MiddleGroup,
@@ -29,6 +28,7 @@ from leank_ref.kernels import (  # noqa: E402
     leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
+    masked_dense_reference,
 )
 from leank_ref.kernels import decode_dense, decode_leank  # noqa: E402
 from leank_ref.kernels.decode_dense import LOG2E, check_runnable, launch_merge, plan_splits  # noqa: E402
@@ -73,33 +73,6 @@ def random_keep(G: int, D: int, counts: list[int], seed: int) -> torch.Tensor:
     for head, c in enumerate(counts):
         keep[head, torch.randperm(D, generator=g)[:c]] = True
     return keep.to(DEVICE)
-
-
-def masked_dense(q, k, v, keep, sink: int, recent: int) -> torch.Tensor:
-    """Dense attention (SDPA) with the pruned middle channels of K zeroed; zero-count heads skip the middle."""
-    B, H, D = q.shape
-    G, N = k.shape[1], k.shape[2]
-    R = H // G
-    mid = slice(sink, max(sink, N - recent))
-    k = k.float().clone()
-    k[:, :, mid] *= keep[None, :, None, :].float()
-    allowed = torch.ones(B, G, N, dtype=torch.bool, device=q.device)
-    allowed[:, keep.sum(1) == 0, mid] = False
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None],
-        k.repeat_interleave(R, 1),
-        v.float().repeat_interleave(R, 1),
-        attn_mask=allowed.repeat_interleave(R, 1)[:, :, None],
-    )
-    return out[:, :, 0]
-
-
-def simulated_leank(q, k, v, keep, sink: int, recent: int) -> torch.Tensor:
-    """The training-time simulation of LeanK (leank_ref.attention) for the last query: [B, H, D]."""
-    sim = SimulatedLeanK(keep[None].float(), sink=sink, recent=recent, exclude_zero_heads=True)
-    layer = SimpleNamespace(layer_idx=0, num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True)
-    out = sim(layer, q[:, :, None], k, v, attention_mask=None)  # [B, 1, H, D]
-    return out[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +156,9 @@ def test_leank_matches_references(B, H, G, N, D, counts, sink, recent, config):
     out = leank_decode(q, k_full, v_full, groups, config=config or DecodeConfig())
     assert out.shape == (B, H, D) and out.dtype == DTYPE
     torch.testing.assert_close(out, leank_decode_reference(q, k_full, v_full, groups), **TOL)
-    expected = masked_dense(q, k, v, keep, sink, recent)
+    expected = masked_dense_reference(q, k, v, keep, sink, recent)
     torch.testing.assert_close(out, expected, **TOL)
-    torch.testing.assert_close(out, simulated_leank(q, k, v, keep, sink, recent), **TOL)
+    torch.testing.assert_close(out, simulate_newest_query(q, k, v, keep, sink, recent), **TOL)
     if N > sink + recent and any(0 < c < D for c in counts):  # the pruning must matter in this case
         assert not torch.allclose(out, sdpa_expanded(q, k, v), atol=1e-3)
 
@@ -198,7 +171,7 @@ def test_leank_one_launch_per_part_matches_reference(case):
     keep = random_keep(G, D, counts, seed=N)
     k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
     out = leank_decode(q, k_full, v_full, groups, config=replace(config or DecodeConfig(), leank_single_launch=False))
-    torch.testing.assert_close(out, masked_dense(q, k, v, keep, sink, recent), **TOL)
+    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, sink, recent), **TOL)
 
 
 def test_single_launch_marks_every_unused_slot():
@@ -219,7 +192,7 @@ def test_single_launch_marks_every_unused_slot():
     assert not (lse_part == 1e4).any()
     out = torch.empty(B, H, D, device=DEVICE)
     launch_merge(o_part, lse_part, out)
-    torch.testing.assert_close(out, masked_dense(q, k, v, keep, sink, recent), **TOL)
+    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, sink, recent), **TOL)
 
 
 def test_more_groups_than_one_launch_takes():
@@ -229,7 +202,7 @@ def test_more_groups_than_one_launch_takes():
     k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 16)
     assert len(groups) > decode_leank.MAX_FUSED_GROUPS
     out = leank_decode(q, k_full, v_full, groups)
-    torch.testing.assert_close(out, masked_dense(q, k, v, keep, 8, 16), **TOL)
+    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, 8, 16), **TOL)
 
 
 def test_leank_all_channels_kept_is_dense():
