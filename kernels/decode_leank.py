@@ -40,11 +40,11 @@ one per group, a fill of the scratch with -inf and the merge. On the H100, timed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from leank_ref.layout import MiddleGroup  # the layout the cache stores; re-exported here
 
 from .decode_dense import (
     LOG2E,
@@ -64,16 +64,6 @@ from .decode_dense import (
 )
 
 MIN_KEPT = 16  # tl.dot needs at least 16 channels; the alignment a (16 or 32) guarantees it
-
-
-@dataclass
-class MiddleGroup:
-    """The middle tokens of the KV heads that keep the same number c of key channels."""
-
-    kv_heads: torch.Tensor  # int64 [Gc]: KV-head indices (in 0..G-1) whose kept count is c
-    channels: torch.Tensor  # int64 [Gc, c]: each head's kept channel indices (original order, post-RoPE)
-    k: torch.Tensor  # [B, Gc, Nm, c]: middle keys, only the kept channels
-    v: torch.Tensor  # [B, Gc, Nm, D]: middle values (full width)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ Per layer, a token lives in one of three places (B batch, G KV heads, D head_dim
 * **middle**: when the recent part reaches ``recent + block`` tokens, its oldest ``block`` tokens are
   compacted into the middle store: per group of heads that keep the same count ``c > 0`` of K channels,
   ``k [B, Gc, Nm, c]`` (those channels only, post-RoPE, original channel order) and ``v [B, Gc, Nm, D]``
-  (the :class:`~leank_ref.decode.MiddleGroup` layout the Triton kernel reads). Heads with no kept
+  (the :class:`~leank_ref.layout.MiddleGroup` layout the Triton kernel reads). Heads with no kept
   channel keep neither K nor V of middle tokens (:func:`~leank_ref.attention.zero_head_rule`).
 
 So the recent part holds ``recent .. recent + block - 1`` tokens once the cache is long enough, as in
@@ -39,7 +39,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import use_hook, zero_head_rule
-from .decode import LeanKAttention, MiddleGroup
+from .decode import LeanKAttention
+from .layout import MiddleGroup
 from .masks import check_align, kept_counts, validate_mask
 from .models import check_supported, model_facts
 

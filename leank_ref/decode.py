@@ -23,22 +23,14 @@ the layer the cache has just updated and runs :func:`leank_decode_torch` or the 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
 from .attention import default_attention
+from .layout import MiddleGroup
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-class MiddleGroup(NamedTuple):
-    """The heads of one layer that keep the same number ``c`` of K channels, and their middle tokens."""
-
-    kv_heads: torch.Tensor  # [Gc] int64: which KV heads
-    channels: torch.Tensor  # [Gc, c] int64: each head's kept channels, ascending (post-RoPE order)
-    k: torch.Tensor  # [B, Gc, Nm, c]: middle keys, kept channels only
-    v: torch.Tensor  # [B, Gc, Nm, D]: middle values
 
 
 class DecodeStore(Protocol):
@@ -88,11 +80,10 @@ def leank_decode_triton(
     q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
 ) -> torch.Tensor:
     """The same attention through the Triton kernel; the stored tensors are passed as they are (no copies)."""
-    from leank_ref.kernels import MiddleGroup as KernelGroup
     from leank_ref.kernels import leank_decode
 
-    kernel_groups = [KernelGroup(g.kv_heads, g.channels, g.k, g.v) for g in groups if g.k.shape[2] > 0]
-    return leank_decode(q.contiguous(), k_full, v_full, kernel_groups, scale=scaling)
+    groups = [g for g in groups if g.k.shape[2] > 0]  # the cache's own MiddleGroup objects, no copies
+    return leank_decode(q.contiguous(), k_full, v_full, groups, scale=scaling)
 
 
 def check_no_padding(attention_mask: torch.Tensor | None) -> None:
