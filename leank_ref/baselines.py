@@ -32,7 +32,7 @@ from leank_ref.attention import QKCapture, use_hook
 from leank_ref.data import continuation_example
 from leank_ref.masks import check_align, check_ratio, kept_counts, load_mask
 from leank_ref.models import model_facts
-from leank_ref.sparsity import channel_importance, rope_frequencies
+from leank_ref.sparsity import capture_importance, rope_frequencies
 
 MASKS_DIR = Path(__file__).resolve().parent.parent / "masks"
 STAGE1_FACTORS = "smollm2-135m_stage1_factors.pth"  # in MASKS_DIR
@@ -251,8 +251,7 @@ class StaticImportance(Selector):
         total = torch.zeros(model_facts(model).mask_shape)
         for i in range(num_prompts):
             ids = continuation_example(tokenizer, length, seed=CALIBRATION_SEED_BASE + i).context_ids
-            capture = capture_prompt(model, ids)
-            total += channel_importance(capture.queries, capture.keys)  # [L, G, D]
+            total += capture_importance(model, ids)  # [L, G, D]
         return cls(total / num_prompts)
 
     def scores(self, model, capture=None) -> torch.Tensor:
