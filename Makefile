@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test setup clean-venv
+.PHONY: run test lint setup clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ run: $(STAMP)
 test: $(STAMP)
 	LEANK_FAST=1 TRITON_INTERPRET=1 MPLBACKEND=Agg LEANK_FIGURES=$(CURDIR)/build/fast_figures \
 	  $(BIN)/python -m pytest -q tests $(NOTEBOOKS) --nbval-lax
+
+# Style: ruff's checks and its formatter (configured in pyproject.toml); .ci/run runs this before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

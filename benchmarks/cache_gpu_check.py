@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from leank_ref.kernels import dense_decode
 from transformers.cache_utils import DynamicLayer
 
 from leank_ref.cache import LeanKCache, apply_leank, cache_argument
 from leank_ref.data import continuation_example
 from leank_ref.decode import LeanKAttention
-from leank_ref.kernels import dense_decode
 from leank_ref.masks import load_mask
 from leank_ref.models import load_model, model_facts
 from leank_ref.provenance import provenance
@@ -40,8 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def greedy(model, ids, steps, **kwargs):
     """``steps`` greedy tokens with their logits."""
-    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **kwargs)  # fmt: skip
+    out = model.generate(
+        ids,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1).float()
 
 
@@ -60,15 +67,29 @@ def generation_checks(device: str, dtypes: list[torch.dtype], prompt: int, steps
         out = {}
         for backend in ("triton", "torch"):
             with apply_leank(model, mask, backend=backend) as lk:
-                out[backend] = greedy(model, batch, steps, attention_mask=torch.ones_like(batch),
-                                      **{cache_argument(model): lk.new_cache(prompt + steps)})
-        rows.append({
-            "dtype": str(dtype), "prompt": prompt, "steps": steps,
-            "all_ones_tokens_equal_dense": bool(torch.equal(dense, ones)),
-            "all_ones_first_difference": int((dense != ones).int().argmax()) if not torch.equal(dense, ones) else None,
-            "r07_batch4_max_logit_diff_triton_vs_torch": (out["triton"][1] - out["torch"][1]).abs().max().item(),
-            "r07_batch4_token_agreement_triton_vs_torch": (out["triton"][0] == out["torch"][0]).float().mean().item(),
-        })  # fmt: skip
+                out[backend] = greedy(
+                    model,
+                    batch,
+                    steps,
+                    attention_mask=torch.ones_like(batch),
+                    **{cache_argument(model): lk.new_cache(prompt + steps)},
+                )
+        rows.append(
+            {
+                "dtype": str(dtype),
+                "prompt": prompt,
+                "steps": steps,
+                "all_ones_tokens_equal_dense": bool(torch.equal(dense, ones)),
+                "all_ones_first_difference": int((dense != ones).int().argmax())
+                if not torch.equal(dense, ones)
+                else None,
+                "r07_batch4_max_logit_diff_triton_vs_torch": (out["triton"][1] - out["torch"][1]).abs().max().item(),
+                "r07_batch4_token_agreement_triton_vs_torch": (out["triton"][0] == out["torch"][0])
+                .float()
+                .mean()
+                .item(),
+            }
+        )
         print(rows[-1])
     return rows
 
@@ -140,8 +161,12 @@ def layer_step_times(device: str, dtype, batch: int, context: int, steps: int, w
 
     del kv
     row = {"batch": batch, "context": context, "layer": layer}
-    for name, fn in (("leank_triton", leank_step), ("dense_sdpa_prealloc", dense_sdpa_step),
-                     ("dense_triton_prealloc", dense_triton_step), ("dense_sdpa_dynamic_cat", dynamic_step)):  # fmt: skip
+    for name, fn in (
+        ("leank_triton", leank_step),
+        ("dense_sdpa_prealloc", dense_sdpa_step),
+        ("dense_triton_prealloc", dense_triton_step),
+        ("dense_sdpa_dynamic_cat", dynamic_step),
+    ):
         cuda_time(fn, 3, device)  # warm-up (compilation, autotuning)
         row[f"{name}_ms"] = cuda_time(fn, steps, device) * 1e3
     rep = cache.memory_report()
@@ -174,9 +199,11 @@ def main() -> None:
         "generation": generation_checks(device, dtypes, prompt, gen_steps),
         "layer_step": {
             "what": "one decode step of one Llama-3.1-8B-shaped layer (store + attention), medians",
-            "dtype": str(layer_dtype), "sink_recent_block": windows, "steps": steps,
+            "dtype": str(layer_dtype),
+            "sink_recent_block": windows,
+            "steps": steps,
             "rows": [layer_step_times(device, layer_dtype, b, n, steps, windows, args.layer) for b, n in shapes],
-        },  # fmt: skip
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from leank_ref.kernels import (
     DecodeConfig,
     dense_decode,
@@ -42,6 +40,7 @@ from leank_ref.kernels import (
     leank_layout_from_dense,
     masked_dense_reference,
 )
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
 N_SINK, N_RECENT = 128, 768
@@ -108,7 +107,6 @@ def copy_bandwidth(n_bytes: int = 4 << 30) -> dict:
     src = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     t = time_ms(lambda: dst.copy_(src), max_iters=50)
-    del src, dst
     return {"bytes_moved": 2 * n_bytes, "median_ms": t["median_ms"], "GBps": 2 * n_bytes / t["median_ms"] / 1e6}
 
 
@@ -159,13 +157,25 @@ def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
                 v = torch.randn(B, Gk, N, Dh, device=DEVICE, dtype=dtype, generator=gen)
                 ref = dense_decode_reference(q.double(), k.double(), v.double())
                 R = Hq // Gk
-                sd = F.scaled_dot_product_attention(q[:, :, None], k.repeat_interleave(R, 1),
-                                                    v.repeat_interleave(R, 1))[:, :, 0]  # fmt: skip
+                sd = F.scaled_dot_product_attention(
+                    q[:, :, None], k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
+                )[:, :, 0]
                 for splits in (None, 1, 5):
                     out = dense_decode(q, k, v, num_splits=splits)
-                    checks.append({"kernel": "dense", "dtype": str(dtype), "B": B, "H": Hq, "G": Gk, "N": N, "D": Dh,
-                                   "splits": splits, "rel_err_vs_fp64": rel_err(out, ref),
-                                   "rel_err_vs_sdpa": rel_err(out, sd)})  # fmt: skip
+                    checks.append(
+                        {
+                            "kernel": "dense",
+                            "dtype": str(dtype),
+                            "B": B,
+                            "H": Hq,
+                            "G": Gk,
+                            "N": N,
+                            "D": Dh,
+                            "splits": splits,
+                            "rel_err_vs_fp64": rel_err(out, ref),
+                            "rel_err_vs_sdpa": rel_err(out, sd),
+                        }
+                    )
                 counts = [0, a, 3 * a, Dh] * (Gk // 4)  # absent, a, a non-power-of-two, all channels
                 keep = torch.zeros(Gk, Dh, dtype=torch.bool, device=DEVICE)
                 for g in range(Gk):
@@ -173,10 +183,22 @@ def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
                 n_sink, n_recent = 16, 40
                 k_full, v_full, groups = leank_layout_from_dense(k, v, keep, n_sink, n_recent)
                 out = leank_decode(q, k_full, v_full, groups, check_indices=True)
-                checks.append({"kernel": "leank", "dtype": str(dtype), "B": B, "H": Hq, "G": Gk, "N": N, "D": Dh,
-                               "counts": counts,
-                               "rel_err_vs_reference": rel_err(out, leank_decode_reference(q, k_full, v_full, groups)),
-                               "rel_err_vs_masked_dense": rel_err(out, masked_dense_reference(q, k, v, keep, n_sink, n_recent))})  # fmt: skip
+                checks.append(
+                    {
+                        "kernel": "leank",
+                        "dtype": str(dtype),
+                        "B": B,
+                        "H": Hq,
+                        "G": Gk,
+                        "N": N,
+                        "D": Dh,
+                        "counts": counts,
+                        "rel_err_vs_reference": rel_err(out, leank_decode_reference(q, k_full, v_full, groups)),
+                        "rel_err_vs_masked_dense": rel_err(
+                            out, masked_dense_reference(q, k, v, keep, n_sink, n_recent)
+                        ),
+                    }
+                )
     worst = max(max(v for key, v in c.items() if key.startswith("rel_err")) for c in checks)
     print(f"GPU checks: {len(checks)} cases, worst relative error {worst:.2e}")
     if not worst < 2e-2:
@@ -234,18 +256,22 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, copy_gbps: float, config: De
         k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT)
         nb = leank_bytes(q, k_full, groups)
         lbytes.append(nb)
-        leank_layers.append(measure(lambda: leank_decode(q, k_full, v_full, groups, config=config),
-                                    nb, copy_gbps))  # fmt: skip
-        ref_layers.append(measure(lambda: leank_decode_reference(q, k_full, v_full, groups), nb, copy_gbps,
-                                  max_iters=10, min_iters=3))  # fmt: skip
+        leank_layers.append(measure(lambda: leank_decode(q, k_full, v_full, groups, config=config), nb, copy_gbps))
+        ref_layers.append(
+            measure(lambda: leank_decode_reference(q, k_full, v_full, groups), nb, copy_gbps, max_iters=10, min_iters=3)
+        )
         try:
-            leank_errs.append(rel_err(leank_decode(q, k_full, v_full, groups, config=config),
-                                      leank_decode_reference(q, k_full, v_full, groups)))  # fmt: skip
+            leank_errs.append(
+                rel_err(
+                    leank_decode(q, k_full, v_full, groups, config=config),
+                    leank_decode_reference(q, k_full, v_full, groups),
+                )
+            )
         except torch.OutOfMemoryError:
             leank_errs.append(None)
-        del k_full, v_full, groups
+        k_full = v_full = groups = None  # free the layout before the next shape
         torch.cuda.empty_cache()
-    del q, k, v
+    q = k = v = None
     torch.cuda.empty_cache()
 
     # Totals over the L layers of one decode step.
@@ -258,9 +284,14 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, copy_gbps: float, config: De
             continue
         total = sum(r["median_ms"] for r in rows)
         gbps = sum(lbytes) / total / 1e6
-        methods[m] = {"total_ms": total, "total_bytes": sum(lbytes), "GBps": gbps, "share_of_copy_bw": gbps / copy_gbps,
-                      "per_layer_ms": [r["median_ms"] for r in rows],
-                      "host_enqueue_us_mean": statistics.mean(r["host_enqueue_us"] for r in rows)}  # fmt: skip
+        methods[m] = {
+            "total_ms": total,
+            "total_bytes": sum(lbytes),
+            "GBps": gbps,
+            "share_of_copy_bw": gbps / copy_gbps,
+            "per_layer_ms": [r["median_ms"] for r in rows],
+            "host_enqueue_us_mean": statistics.mean(r["host_enqueue_us"] for r in rows),
+        }
     best_total = methods[best]["total_ms"]
     for r in methods.values():
         if "error" not in r:
@@ -282,8 +313,19 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, copy_gbps: float, config: De
 def sweep(keep: torch.Tensor, copy_gbps: float) -> list[dict]:
     """A few launch configurations of both Triton kernels at the two target shapes."""
     rows = []
-    configs = [DecodeConfig(block_n=bn, num_stages=ns, num_warps=nw) for bn, ns, nw in
-               ((32, 3, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 4), (128, 2, 8), (64, 3, 8))]  # fmt: skip
+    configs = [
+        DecodeConfig(block_n=bn, num_stages=ns, num_warps=nw)
+        for bn, ns, nw in (
+            (32, 3, 4),
+            (64, 2, 4),
+            (64, 3, 4),
+            (64, 4, 4),
+            (128, 2, 4),
+            (128, 3, 4),
+            (128, 2, 8),
+            (64, 3, 8),
+        )
+    ]
     configs += [replace(DecodeConfig(), programs_per_sm=p) for p in (1, 2, 8)]
     configs += [replace(DecodeConfig(), min_tokens_per_split=t) for t in (128, 512, 1024)]
     for B, N in ((8, 32768), (1, 131072)):
@@ -296,19 +338,28 @@ def sweep(keep: torch.Tensor, copy_gbps: float) -> list[dict]:
             total = 0.0
             for kf, vf, gr in layouts:
                 total += time_ms(lambda: leank_decode(q, kf, vf, gr, config=cfg), max_iters=20)["median_ms"]
-            row = {"B": B, "N": N, "config": asdict(cfg), "dense_ms": d.get("median_ms"),
-                   "dense_share_of_copy_bw": d.get("share_of_copy_bw"), "leank_total_ms": total,
-                   "leank_share_of_copy_bw": nb_leank / total / 1e6 / copy_gbps}  # fmt: skip
+            row = {
+                "B": B,
+                "N": N,
+                "config": asdict(cfg),
+                "dense_ms": d.get("median_ms"),
+                "dense_share_of_copy_bw": d.get("share_of_copy_bw"),
+                "leank_total_ms": total,
+                "leank_share_of_copy_bw": nb_leank / total / 1e6 / copy_gbps,
+            }
             if cfg == DecodeConfig():  # where the time goes: the full part + merge alone, per layer
                 row["leank_full_part_only_total_ms"] = sum(
                     time_ms(lambda: leank_decode(q, kf, vf, [], config=cfg), max_iters=20)["median_ms"]
                     for kf, vf, _ in layouts
                 )
             rows.append(row)
-            print(f"sweep B{B} N{N} {asdict(cfg)}: dense {row['dense_ms']:.3f} ms "
-                  f"({row['dense_share_of_copy_bw']:.0%}), leank {total:.2f} ms/32 layers "
-                  f"({row['leank_share_of_copy_bw']:.0%})", flush=True)  # fmt: skip
-        del q, k, v, layouts
+            print(
+                f"sweep B{B} N{N} {asdict(cfg)}: dense {row['dense_ms']:.3f} ms "
+                f"({row['dense_share_of_copy_bw']:.0%}), leank {total:.2f} ms/32 layers "
+                f"({row['leank_share_of_copy_bw']:.0%})",
+                flush=True,
+            )
+        q = k = v = layouts = None
         torch.cuda.empty_cache()
     return rows
 
@@ -340,17 +391,22 @@ def main() -> None:
         "mask": MASK,
         "layers": "all 32 layers of the mask; every method's total is one decode step's attention over 32 layers",
         "timing": "median over >= 10 calls (CUDA events around each call, 1 GiB L2 flush before each), after warm-up",
-        "bytes": "bytes the method must move: q, K and V it needs (LeanK: the full part at D, each middle at c + D), output",
+        "bytes": "bytes the method must move: q, K and V it needs "
+        "(LeanK: the full part at D, each middle at c + D), output",
         "config": asdict(DecodeConfig()),
     }
     report["copy_bandwidth"] = copy_bandwidth()
     copy_gbps = report["copy_bandwidth"]["GBps"]
-    print(f"{report['device']}  torch {report['torch']}  triton {report['triton']}  copy {copy_gbps:.0f} GB/s",
-          flush=True)  # fmt: skip
+    print(
+        f"{report['device']}  torch {report['torch']}  triton {report['triton']}  copy {copy_gbps:.0f} GB/s", flush=True
+    )
     report["checks"] = gpu_checks()
     keep = torch.load(MASK, weights_only=True).to(DEVICE) > 0.5  # [L, G, D]
-    report["mask_stats"] = {"kept_fraction": float(keep.float().mean()),
-                            "heads_without_middle": int((keep.sum(-1) == 0).sum()), "heads": keep.shape[0] * G}  # fmt: skip
+    report["mask_stats"] = {
+        "kept_fraction": float(keep.float().mean()),
+        "heads_without_middle": int((keep.sum(-1) == 0).sum()),
+        "heads": keep.shape[0] * G,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         report["sweep"] = sweep(keep, copy_gbps)
@@ -360,8 +416,11 @@ def main() -> None:
             t0 = time.perf_counter()
             report["results"].append(bench_shape(B, N, keep, copy_gbps, DecodeConfig()))
             r = report["results"][-1]["methods"]
-            print(f"B{B} N{N}: done in {time.perf_counter() - t0:.0f} s; leank "
-                  f"{r['leank_triton'].get('speedup_vs_best_sdpa', float('nan')):.2f}x", flush=True)  # fmt: skip
+            print(
+                f"B{B} N{N}: done in {time.perf_counter() - t0:.0f} s; leank "
+                f"{r['leank_triton'].get('speedup_vs_best_sdpa', float('nan')):.2f}x",
+                flush=True,
+            )
             (args.out / "decode_kernels.json").write_text(json.dumps(report, indent=1))
     report["targets"] = targets(report)
     (args.out / "decode_kernels.json").write_text(json.dumps(report, indent=1))
@@ -384,14 +443,18 @@ def targets(report: dict) -> dict:
 
 def print_table(report: dict) -> None:
     """Short summary: per shape, best SDPA, dense Triton and LeanK against it, bandwidth shares."""
-    print(f"\n{'B':>3} {'N':>7} {'best SDPA':>22} {'ms/32L':>8} {'dense x':>8} {'leank x':>8} "
-          f"{'roof x':>7} {'dense bw':>8} {'leank bw':>8}")  # fmt: skip
+    print(
+        f"\n{'B':>3} {'N':>7} {'best SDPA':>22} {'ms/32L':>8} {'dense x':>8} {'leank x':>8} "
+        f"{'roof x':>7} {'dense bw':>8} {'leank bw':>8}"
+    )
     for r in report["results"]:
         m = r["methods"]
-        print(f"{r['B']:>3} {r['N']:>7} {r['best_sdpa']:>22} {m[r['best_sdpa']]['total_ms']:>8.3f} "
-              f"{m['dense_triton'].get('speedup_vs_best_sdpa', 0):>8.2f} "
-              f"{m['leank_triton'].get('speedup_vs_best_sdpa', 0):>8.2f} {r['byte_roofline_speedup']:>7.2f} "
-              f"{m['dense_triton'].get('share_of_copy_bw', 0):>8.0%} {m['leank_triton'].get('share_of_copy_bw', 0):>8.0%}")  # fmt: skip
+        print(
+            f"{r['B']:>3} {r['N']:>7} {r['best_sdpa']:>22} {m[r['best_sdpa']]['total_ms']:>8.3f} "
+            f"{m['dense_triton'].get('speedup_vs_best_sdpa', 0):>8.2f} "
+            f"{m['leank_triton'].get('speedup_vs_best_sdpa', 0):>8.2f} {r['byte_roofline_speedup']:>7.2f} "
+            f"{m['dense_triton'].get('share_of_copy_bw', 0):>8.0%} {m['leank_triton'].get('share_of_copy_bw', 0):>8.0%}"
+        )
     for name, t in report["targets"].items():
         print(f"target {name}: {t['value']} (target {t['target']})")
 

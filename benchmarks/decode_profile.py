@@ -41,6 +41,8 @@ if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kerne
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
+from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, D, G, H  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
     DecodeConfig,
     dense_decode,
@@ -48,11 +50,9 @@ from leank_ref.kernels import (  # noqa: E402
     leank_decode_reference,
     leank_layout_from_dense,
 )
+
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
-
-# The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
-from decode_kernels import D, FLUSH_BYTES, G, H, MASK, N_RECENT, N_SINK  # noqa: E402
 
 
 def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dtype):
@@ -81,8 +81,7 @@ def step_functions(q, dense, leank, sdpa_backend=None) -> dict:
         "sdpa": sdpa,
         "dense_triton": lambda: [dense_decode(q, k, v) for k, v in dense],
         "leank_triton": lambda: [leank_decode(q, kf, vf, groups) for kf, vf, groups in leank],
-        "leank_triton_per_part": lambda: [leank_decode(q, kf, vf, groups, config=per_part)
-                                          for kf, vf, groups in leank],  # fmt: skip
+        "leank_triton_per_part": lambda: [leank_decode(q, kf, vf, groups, config=per_part) for kf, vf, groups in leank],
         "leank_full_part_only": lambda: [leank_decode(q, kf, vf, []) for kf, vf, _ in leank],
     }
 
@@ -158,7 +157,12 @@ def kernel_profile(fn, steps: int = 3) -> dict:
             per_kernel[evt.key]["calls_per_step"] += evt.count / steps
     busy = sum(v["us_per_step"] for v in per_kernel.values())
     rows = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["us_per_step"]))
-    return {"wall_us_per_step": wall_us, "gpu_busy_us_per_step": busy, "gpu_busy_share": busy / wall_us, "kernels": rows}
+    return {
+        "wall_us_per_step": wall_us,
+        "gpu_busy_us_per_step": busy,
+        "gpu_busy_share": busy / wall_us,
+        "kernels": rows,
+    }
 
 
 def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps: int, sdpa_backend) -> dict:
@@ -176,9 +180,12 @@ def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps:
             result["graph"][name] = time_step(as_graph(fn), flush, reps)
         except RuntimeError as e:  # a backend that cannot be captured
             result["graph"][name] = {"error": str(e).splitlines()[0][:200]}
-        print(f"B{B} N{N} {name:>22}: eager {result['eager'][name]['median_ms']:8.3f} ms "
-              f"(host {result['eager'][name]['host_enqueue_ms']:7.3f} ms), "
-              f"graph {result['graph'][name].get('median_ms', float('nan')):8.3f} ms", flush=True)  # fmt: skip
+        print(
+            f"B{B} N{N} {name:>22}: eager {result['eager'][name]['median_ms']:8.3f} ms "
+            f"(host {result['eager'][name]['host_enqueue_ms']:7.3f} ms), "
+            f"graph {result['graph'][name].get('median_ms', float('nan')):8.3f} ms",
+            flush=True,
+        )
     for mode in ("eager", "graph"):
         base = result[mode]["sdpa"].get("median_ms")
         for r in result[mode].values():
@@ -228,11 +235,14 @@ def main() -> None:
     torch.manual_seed(0)
     keep = load_mask(MASK).to("cuda") > 0.5  # [L, G, D]
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    report = {**provenance("cuda"), "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK,
-                                               "recent": N_RECENT}, "mask": MASK,  # fmt: skip
-              "timing": "one decoding step = all 32 layers back to back, each with its own cache; L2 flushed before "
-                        "each step; median over --reps steps; graph = the same step captured as a CUDA graph",
-              "results": []}  # fmt: skip
+    report = {
+        **provenance("cuda"),
+        "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK, "recent": N_RECENT},
+        "mask": MASK,
+        "timing": "one decoding step = all 32 layers back to back, each with its own cache; L2 flushed before "
+        "each step; median over --reps steps; graph = the same step captured as a CUDA graph",
+        "results": [],
+    }
     backend = SDPBackend.CUDNN_ATTENTION  # the best backend at most shapes in decode_kernels.json
     for shape in args.shapes:
         B, N = (int(x) for x in shape.split("x"))
@@ -246,8 +256,10 @@ def main() -> None:
         (args.out / "decode_profile.json").write_text(json.dumps(report, indent=1))
     for r, variant in ((r, v) for r in report["results"] for v in ("leank_profile", "leank_per_part_profile")):
         prof = r[variant]
-        print(f"\nB{r['B']} N{r['N']} {variant}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
-              f"{prof['gpu_busy_share']:.0%}; kernels (us per step, calls):")  # fmt: skip
+        print(
+            f"\nB{r['B']} N{r['N']} {variant}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
+            f"{prof['gpu_busy_share']:.0%}; kernels (us per step, calls):"
+        )
         for name, k in list(prof["kernels"].items())[:8]:
             print(f"  {k['us_per_step']:9.1f} us  {k['calls_per_step']:5.0f}x  {name[:90]}")
 

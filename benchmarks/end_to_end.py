@@ -53,15 +53,31 @@ from leank_ref.masks import load_mask, mask_stats  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 
 LLAMA_31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 TINY = dict(
-    vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 MASK = "masks/reference/llama3.1-8b-instruct.pth"
 SINK, RECENT, BLOCK = 128, 768, 128
 GIB = 1 << 30
@@ -140,8 +156,13 @@ def time_decode(model, kind: str, handles: dict, batch: int, tokens: int, steps:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     median = statistics.median(times)
     del cache
-    return {"step_ms": 1e3 * median, "tokens_per_s": batch / median, "peak_gib": peak / GIB,
-            "steps": steps, "warmup": warmup}
+    return {
+        "step_ms": 1e3 * median,
+        "tokens_per_s": batch / median,
+        "peak_gib": peak / GIB,
+        "steps": steps,
+        "warmup": warmup,
+    }
 
 
 def _activate(handles: dict, kind: str) -> None:
@@ -171,8 +192,13 @@ def check_correctness(model, handles: dict, device: str, prompt: int, steps: int
     same = sum(a == b for a, b in zip(tokens["dense"], tokens["leank_ones"]))
     out["first_step_logits"] = first_step_logit_gap(model, handles, ids)
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens["dense"], tokens["leank_ones"])) if a != b), None)
-    out["all_ones_greedy"] = {"steps": steps, "same_tokens": same, "first_difference": first_diff,
-                              "dense": tokens["dense"], "leank_ones": tokens["leank_ones"]}
+    out["all_ones_greedy"] = {
+        "steps": steps,
+        "same_tokens": same,
+        "first_difference": first_diff,
+        "dense": tokens["dense"],
+        "leank_ones": tokens["leank_ones"],
+    }
     # Real mask: the cache after a prefill of `prompt` tokens plus a few decode steps, one layer, both paths.
     _activate(handles, "leank")
     cache = new_cache("leank", handles, prompt + 8)
@@ -183,12 +209,16 @@ def check_correctness(model, handles: dict, device: str, prompt: int, steps: int
     errors = []
     for layer in cache.layers:
         q = torch.randn(1, model.config.num_attention_heads, model.config.head_dim, device=device, dtype=model.dtype)
-        scaling = model.config.head_dim ** -0.5
+        scaling = model.config.head_dim**-0.5
         ref = leank_decode_torch(q, layer.keys, layer.values, layer.groups, scaling).float()
         got = leank_decode_triton(q, layer.keys, layer.values, layer.groups, scaling).float()
         errors.append(float((ref - got).abs().max()))
-    out["real_mask_triton_vs_torch"] = {"max_abs_error_per_layer": errors, "max_abs_error": max(errors),
-                                        "middle_tokens": cache.layers[0].middle, "tolerance": 2e-2}
+    out["real_mask_triton_vs_torch"] = {
+        "max_abs_error_per_layer": errors,
+        "max_abs_error": max(errors),
+        "middle_tokens": cache.layers[0].middle,
+        "tolerance": 2e-2,
+    }
     out["passed"] = same == steps and max(errors) <= 2e-2
     return out
 
@@ -203,9 +233,12 @@ def first_step_logit_gap(model, handles: dict, ids: torch.Tensor) -> dict:
         out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         logits[kind] = out.logits[0, -1].float()
     top2 = logits["dense"].topk(2).values
-    return {"max_abs_difference": float((logits["dense"] - logits["leank_ones"]).abs().max()),
-            "dense_logit_std": float(logits["dense"].std()), "dense_top1_margin": float(top2[0] - top2[1]),
-            "same_argmax": bool(logits["dense"].argmax() == logits["leank_ones"].argmax())}
+    return {
+        "max_abs_difference": float((logits["dense"] - logits["leank_ones"]).abs().max()),
+        "dense_logit_std": float(logits["dense"].std()),
+        "dense_top1_margin": float(top2[0] - top2[1]),
+        "same_argmax": bool(logits["dense"].argmax() == logits["leank_ones"].argmax()),
+    }
 
 
 def time_prefill(model, handles: dict, tokens: int, device: str, repeats: int) -> dict:
@@ -248,7 +281,16 @@ def cache_gib(model, mask: torch.Tensor, batch: int, tokens: int, sink: int, rec
     """GiB a cache of ``batch`` x ``tokens`` needs: dense for an all-ones mask, else LeanK's (memory_formula)."""
     cfg = model.config
     if bool(mask.all()):
-        return 2 * batch * tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize / GIB
+        return (
+            2
+            * batch
+            * tokens
+            * cfg.num_hidden_layers
+            * cfg.num_key_value_heads
+            * cfg.head_dim
+            * model.dtype.itemsize
+            / GIB
+        )
     return memory_formula(mask, tokens, sink, recent, block, batch, model.dtype.itemsize).total / GIB
 
 
@@ -269,9 +311,15 @@ def largest_batch(model, handles, tokens: int, budget_gib: float, probe: tuple[i
         while not ok and predicted > 1:  # the line was optimistic: step down until it fits
             predicted -= 1
             ok, peak = fits(model, kind, handles, predicted, tokens, device)
-        result[kind] = {"probe_batches": list(probe), "probe_peak_gib": [m1, m2], "gib_per_sequence": per_seq,
-                        "fixed_gib": fixed, "largest_batch": predicted, "checked_peak_gib": peak,
-                        "checked_fits": ok and peak <= budget_gib + 0.5}
+        result[kind] = {
+            "probe_batches": list(probe),
+            "probe_peak_gib": [m1, m2],
+            "gib_per_sequence": per_seq,
+            "fixed_gib": fixed,
+            "largest_batch": predicted,
+            "checked_peak_gib": peak,
+            "checked_fits": ok and peak <= budget_gib + 0.5,
+        }
     if "largest_batch" in result.get("dense", {}) and "largest_batch" in result.get("leank", {}):
         result["ratio"] = result["leank"]["largest_batch"] / result["dense"]["largest_batch"]
     return result
@@ -311,8 +359,12 @@ def profile_steps(model, handles: dict, batch: int, tokens: int, steps: int, dev
             by_family[family] += gpu_us / 1e3 / steps
             kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + gpu_us / 1e3 / steps
         top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
-        result[kind] = {"wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": by_family,
-                        "gpu_busy_ms_per_step": sum(by_family.values()), "top_kernels_ms_per_step": top}
+        result[kind] = {
+            "wall_ms_per_step": 1e3 * wall / steps,
+            "gpu_ms_per_step": by_family,
+            "gpu_busy_ms_per_step": sum(by_family.values()),
+            "top_kernels_ms_per_step": top,
+        }
         del cache
     return result
 
@@ -348,16 +400,27 @@ def correctness_only(args) -> int:
     """The correctness checks in float32 (exact products in the kernels) and in bfloat16, one model at a time."""
     cpu = args.cpu_check
     device = "cpu" if cpu else "cuda"
-    result = {"benchmark": "end_to_end_correctness", "provenance": provenance(device), "cpu_check": cpu,
-              "model": "tiny (cpu check)" if cpu else "Llama-3.1-8B config, random weights",
-              "windows": dict(zip(("sink", "recent", "block", "align"), (4, 16, 8, 16) if cpu else (SINK, RECENT, BLOCK, 32)))}
+    result = {
+        "benchmark": "end_to_end_correctness",
+        "provenance": provenance(device),
+        "cpu_check": cpu,
+        "model": "tiny (cpu check)" if cpu else "Llama-3.1-8B config, random weights",
+        "windows": dict(
+            zip(("sink", "recent", "block", "align"), (4, 16, 8, 16) if cpu else (SINK, RECENT, BLOCK, 32))
+        ),
+    }
     dtypes = (torch.float32,) if cpu else (torch.float32, torch.bfloat16)
     for dtype in dtypes:
         model, mask, windows, handles = setup(cpu, dtype)
         check = check_correctness(model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32)
         result[str(dtype).removeprefix("torch.")] = check
-        print(dtype, json.dumps({k: v for k, v in check.items() if k != "all_ones_greedy"}),
-              "same tokens", check["all_ones_greedy"]["same_tokens"], flush=True)
+        print(
+            dtype,
+            json.dumps({k: v for k, v in check.items() if k != "all_ones_greedy"}),
+            "same tokens",
+            check["all_ones_greedy"]["same_tokens"],
+            flush=True,
+        )
         del model, handles
         free_memory(device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -373,8 +436,11 @@ def main() -> int:
     parser.add_argument("--budget-gib", type=float, default=70.0, help="memory budget for the largest-batch search")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
     parser.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU, to check the script")
-    parser.add_argument("--correctness-only", action="store_true",
-                        help="only the correctness checks, in float32 and bfloat16 -> end_to_end_correctness.json")
+    parser.add_argument(
+        "--correctness-only",
+        action="store_true",
+        help="only the correctness checks, in float32 and bfloat16 -> end_to_end_correctness.json",
+    )
     args = parser.parse_args()
     if args.correctness_only:
         return correctness_only(args)
@@ -386,12 +452,18 @@ def main() -> int:
     dtype = torch.float32 if cpu else torch.bfloat16
     model, mask, (sink, recent, block, _), handles = setup(cpu, dtype)
     backend = "triton"
-    result = {"benchmark": "end_to_end", "provenance": provenance(device),
-              "model": {"config": "Llama-3.1-8B (random bf16 weights)" if not cpu else "tiny (cpu check)",
-                        **{k: v for k, v in (TINY if cpu else LLAMA_31_8B).items()}},
-              "mask": {"path": None if cpu else MASK, **mask_stats(mask, 32768, sink, recent).__dict__},
-              "windows": {"sink": sink, "recent": recent, "block": block}, "backend": backend,
-              "cpu_check": cpu}
+    result = {
+        "benchmark": "end_to_end",
+        "provenance": provenance(device),
+        "model": {
+            "config": "Llama-3.1-8B (random bf16 weights)" if not cpu else "tiny (cpu check)",
+            **{k: v for k, v in (TINY if cpu else LLAMA_31_8B).items()},
+        },
+        "mask": {"path": None if cpu else MASK, **mask_stats(mask, 32768, sink, recent).__dict__},
+        "windows": {"sink": sink, "recent": recent, "block": block},
+        "backend": backend,
+        "cpu_check": cpu,
+    }
     result["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB if not cpu else 0.0
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     result["weights_gib"] = weights_gib
@@ -401,12 +473,21 @@ def main() -> int:
         (args.out / "end_to_end.json").write_text(json.dumps(result, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    result["correctness"] = check_correctness(model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32)
-    print("correctness", json.dumps({k: v for k, v in result["correctness"].items() if k != "all_ones_greedy"}),
-          "same tokens", result["correctness"]["all_ones_greedy"]["same_tokens"], flush=True)
+    result["correctness"] = check_correctness(
+        model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32
+    )
+    print(
+        "correctness",
+        json.dumps({k: v for k, v in result["correctness"].items() if k != "all_ones_greedy"}),
+        "same tokens",
+        result["correctness"]["all_ones_greedy"]["same_tokens"],
+        flush=True,
+    )
     save()
-    result["prefill"] = {str(n): time_prefill(model, handles, n, device, repeats=1 if cpu else 2)
-                         for n in ([48] if cpu else [8192, 32768])}
+    result["prefill"] = {
+        str(n): time_prefill(model, handles, n, device, repeats=1 if cpu else 2)
+        for n in ([48] if cpu else [8192, 32768])
+    }
     print("prefill", result["prefill"], flush=True)
     save()
 
@@ -422,8 +503,16 @@ def main() -> int:
                     row[kind] = {"skipped": f"cache {need:.0f} GiB + weights {weights_gib:.0f} GiB exceed the GPU"}
                     continue
                 try:
-                    row[kind] = time_decode(model, kind, handles, b, n, steps=2 if cpu else args.steps,
-                                            warmup=1 if cpu else 3, device=device)
+                    row[kind] = time_decode(
+                        model,
+                        kind,
+                        handles,
+                        b,
+                        n,
+                        steps=2 if cpu else args.steps,
+                        warmup=1 if cpu else 3,
+                        device=device,
+                    )
                 except torch.OutOfMemoryError:
                     row[kind] = {"error": "out of memory"}
                 free_memory(device)
@@ -444,8 +533,11 @@ def main() -> int:
         }
         print("largest batch", json.dumps(result["largest_batch"]), flush=True)
         save()
-    result["profile"] = {"batch": 2 if cpu else 8, "context": 72 if cpu else 32768,
-                         **profile_steps(model, handles, 2 if cpu else 8, 72 if cpu else 32768, 2 if cpu else 5, device)}
+    result["profile"] = {
+        "batch": 2 if cpu else 8,
+        "context": 72 if cpu else 32768,
+        **profile_steps(model, handles, 2 if cpu else 8, 72 if cpu else 32768, 2 if cpu else 5, device),
+    }
     print("profile", json.dumps(result["profile"]), flush=True)
     result["seconds"] = time.perf_counter() - t0
     save()

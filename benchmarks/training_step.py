@@ -1,8 +1,9 @@
-"""Cost of one stage-1 training step against one no-grad prefill of the same context (issue 4's speed target).
+"""Cost of one stage-1 training step against one no-grad prefill of the same context.
 
 Run from the repository root (CPU by default; ``--device cuda`` on a GPU):
 
-    python benchmarks/training_step.py [--context 1024] [--repeats 7] [--threads 1] [--out benchmarks/results/training_step_cpu.json]
+    python benchmarks/training_step.py [--context 1024] [--repeats 7] [--threads 1] \
+        [--out benchmarks/results/training_step_cpu.json]
 
 A stage-1 step (``Trainer.step``) = one no-grad prefill of the context (its K/V cache is shared by both
 passes, SPEC section 3) + the teacher's answer tokens (no grad) + the student's answer tokens under
@@ -12,7 +13,8 @@ the step should cost little more than the prefill; the target is <= 2.5x.
 For each task of the training mixture, one example with exactly ``--context`` context tokens is built; the
 prefill and the step are timed alternately, ``--repeats`` times each after a warm-up, so both see the same
 machine load; medians are reported. On a loaded machine the alternating timings are noisy; the step's parts,
-timed inside one step, also give a paired ratio (whole step / its own prefill) that is less exposed to load. The step's parts are timed separately too (prefill, teacher, student
+timed inside one step, also give a paired ratio (whole step / its own prefill) that is less exposed to load.
+The step's parts are timed separately too (prefill, teacher, student
 forward, backward, optimizer), and one step is profiled with ``torch.profiler`` (top operators by self time),
 to say where the time goes. Everything goes to one JSON file with :func:`leank_ref.provenance.provenance`.
 """
@@ -82,8 +84,7 @@ def step_parts(trainer: Trainer, example, device: torch.device) -> dict[str, flo
         factors.clamp_(0.0, 1.0)
     _sync(device)
     t5 = time.perf_counter()
-    parts.update(prefill=t1 - t0, teacher_answer=t2 - t1, student_answer=t3 - t2, backward=t4 - t3,
-                 optimizer=t5 - t4)
+    parts.update(prefill=t1 - t0, teacher_answer=t2 - t1, student_answer=t3 - t2, backward=t4 - t3, optimizer=t5 - t4)
     return parts
 
 
@@ -96,8 +97,15 @@ def profile_step(trainer: Trainer, example, top: int = 12) -> list[dict]:
         trainer.step(example)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-             "share_of_self_cpu": e.self_cpu_time_total / total} for e in rows]
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "share_of_self_cpu": e.self_cpu_time_total / total,
+        }
+        for e in rows
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed prefills and steps per task (default 7)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(TASKS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a shared machine)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_step_cpu.json"))
     args = parser.parse_args(argv)
 
@@ -143,9 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
             "step_parts_median_s": median_parts,
             "ratio_step_to_own_prefill_paired": paired,
         }
-        print(f"{task:>13}: prefill {per_task[task]['prefill_median_s'] * 1e3:7.1f} ms, step "
-              f"{per_task[task]['step_median_s'] * 1e3:7.1f} ms, ratio {per_task[task]['ratio_step_to_prefill']:.2f} "
-              f"(paired within a step: {paired:.2f}; {per_task[task]['answer_tokens']} answer tokens)")
+        print(
+            f"{task:>13}: prefill {per_task[task]['prefill_median_s'] * 1e3:7.1f} ms, step "
+            f"{per_task[task]['step_median_s'] * 1e3:7.1f} ms, ratio {per_task[task]['ratio_step_to_prefill']:.2f} "
+            f"(paired within a step: {paired:.2f}; {per_task[task]['answer_tokens']} answer tokens)"
+        )
 
     ratios = [r["ratio_step_to_prefill"] for r in per_task.values()]
     worst_task = max(per_task, key=lambda t: per_task[t]["ratio_step_to_prefill"])
@@ -168,9 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"step / prefill: mean over tasks {report['ratio_mean_over_tasks']:.2f}, worst "
-          f"{report['ratio_worst_task']:.2f} ({worst_task}); target <= {TARGET}: "
-          f"{'met' if report['meets_target'] else 'MISSED'}. Wrote {args.out}")
+    print(
+        f"step / prefill: mean over tasks {report['ratio_mean_over_tasks']:.2f}, worst "
+        f"{report['ratio_worst_task']:.2f} ({worst_task}); target <= {TARGET}: "
+        f"{'met' if report['meets_target'] else 'MISSED'}. Wrote {args.out}"
+    )
     return report
 
 

@@ -23,8 +23,18 @@ from triton.compiler import ASTSource
 
 from . import decode_dense, decode_leank
 
-_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KF": "*bf16", "VF": "*bf16", "O_PART": "*fp32",
-             "LSE_PART": "*fp32", "OUT": "*bf16", "KV_HEADS": "*i64", "CHANNELS": "*i64"}  # fmt: skip
+_POINTERS = {
+    "Q": "*bf16",
+    "K": "*bf16",
+    "V": "*bf16",
+    "KF": "*bf16",
+    "VF": "*bf16",
+    "O_PART": "*fp32",
+    "LSE_PART": "*fp32",
+    "OUT": "*bf16",
+    "KV_HEADS": "*i64",
+    "CHANNELS": "*i64",
+}
 for _i in range(decode_leank.MAX_FUSED_GROUPS):
     _POINTERS.update({f"H{_i}": "*i64", f"CH{_i}": "*i64", f"K{_i}": "*bf16", f"V{_i}": "*bf16"})
 
@@ -94,8 +104,10 @@ def main() -> None:
     config = decode_dense.DecodeConfig()
     for label, (kernel, constexprs) in default_variants(config).items():
         r = compile_kernel(kernel, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
-        print(f"{label:>30}: {r.registers} registers/thread, spill stack {r.stack_bytes} B, shared {r.shared_bytes} B, "
-              f"{r.programs_per_sm(config.num_warps)} programs/SM")
+        print(
+            f"{label:>30}: {r.registers} registers/thread, spill stack {r.stack_bytes} B, shared {r.shared_bytes} B, "
+            f"{r.programs_per_sm(config.num_warps)} programs/SM"
+        )
 
 
 if __name__ == "__main__":

@@ -123,14 +123,34 @@ def _store_partial(O_PART, LSE_PART, rows, h_mask, slot, S_TOTAL, m_i, l_i, acc,
 
 @triton.jit
 def _dense_program(
-    b, g, split, Q, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
-    stride_qb, stride_qh,
-    stride_kb, stride_kg, stride_kn,
-    stride_vb, stride_vg, stride_vn,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    b,
+    g,
+    split,
+    Q,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    n_tokens,
+    tokens_per_split,
+    H,
+    S_TOTAL,
+    slot0,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kg,
+    stride_kn,
+    stride_vb,
+    stride_vg,
+    stride_vn,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """Sequence b, KV head g, one split: all GROUP query heads of g over one chunk, written to slot0 + split."""
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP  # rows past GROUP are padding for tl.dot
@@ -140,30 +160,83 @@ def _dense_program(
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_tokens)
     m_i, l_i, acc = _attend_tokens(
-        q, K + b * stride_kb + g * stride_kg, V + b * stride_vb + g * stride_vg, stride_kn, stride_vn,
-        offs_d, offs_d < D, start, end, qk_scale, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
-    )  # fmt: skip
+        q,
+        K + b * stride_kb + g * stride_kg,
+        V + b * stride_vb + g * stride_vg,
+        stride_kn,
+        stride_vn,
+        offs_d,
+        offs_d < D,
+        start,
+        end,
+        qk_scale,
+        BLOCK_H,
+        BLOCK_N,
+        D,
+        DOT_PRECISION,
+    )
     _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot0 + split, S_TOTAL, m_i, l_i, acc, D)
 
 
 @triton.jit
 def _dense_partial_kernel(
-    Q, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, G, H, S_TOTAL, slot0,
-    stride_qb, stride_qh,
-    stride_kb, stride_kg, stride_kn,
-    stride_vb, stride_vg, stride_vn,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    n_tokens,
+    tokens_per_split,
+    G,
+    H,
+    S_TOTAL,
+    slot0,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kg,
+    stride_kn,
+    stride_vb,
+    stride_vg,
+    stride_vn,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """One program = one (sequence b, KV head g, split): all GROUP query heads of g, one chunk."""
     pid_bg = tl.program_id(0).to(tl.int64)  # int64: b * stride_kb can pass 2**31 at long contexts
     _dense_program(
-        pid_bg // G, pid_bg % G, tl.program_id(1), Q, K, V, O_PART, LSE_PART,
-        qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
-        stride_qb, stride_qh, stride_kb, stride_kg, stride_kn, stride_vb, stride_vg, stride_vn,
-        GROUP, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
-    )  # fmt: skip
+        pid_bg // G,
+        pid_bg % G,
+        tl.program_id(1),
+        Q,
+        K,
+        V,
+        O_PART,
+        LSE_PART,
+        qk_scale,
+        n_tokens,
+        tokens_per_split,
+        H,
+        S_TOTAL,
+        slot0,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kg,
+        stride_kn,
+        stride_vb,
+        stride_vg,
+        stride_vn,
+        GROUP,
+        BLOCK_H,
+        BLOCK_N,
+        D,
+        DOT_PRECISION,
+    )
 
 
 @triton.jit
@@ -209,7 +282,9 @@ def check_runnable(*tensors: torch.Tensor, interpret: bool | None = None) -> Non
     interpret = _INTERPRET if interpret is None else interpret
     devices = {t.device for t in tensors}
     if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}: move them with .to(device)")
+        raise ValueError(
+            f"all tensors must be on one device, got {sorted(map(str, devices))}: move them with .to(device)"
+        )
     device = devices.pop()
     if device.type != "cuda" and not interpret:
         late = (
@@ -238,7 +313,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int | None) -> int:
     if device_index is None:  # the interpreter: a few "multiprocessors" keep CPU runs short
         return 2
@@ -283,14 +358,34 @@ def launch_dense_partials(
     B, H, D = q.shape
     G, N = k.shape[1], k.shape[2]
     _dense_partial_kernel[(B * G, splits)](
-        q, k, v, o_part, lse_part,
-        qk_scale, N, tokens_per_split, G, H, o_part.shape[2], slot0,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        GROUP=H // G, BLOCK_H=block_h(H // G), BLOCK_N=config.block_n, D=D, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        o_part,
+        lse_part,
+        qk_scale,
+        N,
+        tokens_per_split,
+        G,
+        H,
+        o_part.shape[2],
+        slot0,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        GROUP=H // G,
+        BLOCK_H=block_h(H // G),
+        BLOCK_N=config.block_n,
+        D=D,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def launch_merge(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> None:

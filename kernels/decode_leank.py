@@ -68,14 +68,39 @@ MIN_KEPT = 16  # tl.dot needs at least 16 channels; the alignment a (16 or 32) g
 
 @triton.jit
 def _middle_program(
-    b, r, split, Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
-    stride_qb, stride_qh, stride_cr,
-    stride_kb, stride_kr, stride_kn,
-    stride_vb, stride_vr, stride_vn,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    C: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    b,
+    r,
+    split,
+    Q,
+    KV_HEADS,
+    CHANNELS,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    n_tokens,
+    tokens_per_split,
+    H,
+    S_TOTAL,
+    slot0,
+    stride_qb,
+    stride_qh,
+    stride_cr,
+    stride_kb,
+    stride_kr,
+    stride_kn,
+    stride_vb,
+    stride_vr,
+    stride_vn,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Sequence b, row r of a group, one split of the group's middle tokens, written to slot0 + split."""
     g = tl.load(KV_HEADS + r)  # the KV head this row of the group stores
     offs_h = tl.arange(0, BLOCK_H)
@@ -93,30 +118,93 @@ def _middle_program(
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_tokens)
     m_i, l_i, acc = _attend_tokens(
-        q, K + b * stride_kb + r * stride_kr, V + b * stride_vb + r * stride_vr, stride_kn, stride_vn,
-        offs_c, c_mask, start, end, qk_scale, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
-    )  # fmt: skip
+        q,
+        K + b * stride_kb + r * stride_kr,
+        V + b * stride_vb + r * stride_vr,
+        stride_kn,
+        stride_vn,
+        offs_c,
+        c_mask,
+        start,
+        end,
+        qk_scale,
+        BLOCK_H,
+        BLOCK_N,
+        D,
+        DOT_PRECISION,
+    )
     _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot0 + split, S_TOTAL, m_i, l_i, acc, D)
 
 
 @triton.jit
 def _leank_middle_kernel(
-    Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
-    qk_scale, n_tokens, tokens_per_split, GC, H, S_TOTAL, slot0,
-    stride_qb, stride_qh, stride_cr,
-    stride_kb, stride_kr, stride_kn,
-    stride_vb, stride_vr, stride_vn,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    C: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    Q,
+    KV_HEADS,
+    CHANNELS,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    n_tokens,
+    tokens_per_split,
+    GC,
+    H,
+    S_TOTAL,
+    slot0,
+    stride_qb,
+    stride_qh,
+    stride_cr,
+    stride_kb,
+    stride_kr,
+    stride_kn,
+    stride_vb,
+    stride_vr,
+    stride_vn,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One program = one (sequence b, row r of the group, split) over the group's middle tokens."""
     pid_br = tl.program_id(0).to(tl.int64)
     _middle_program(
-        pid_br // GC, pid_br % GC, tl.program_id(1), Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART,
-        qk_scale, n_tokens, tokens_per_split, H, S_TOTAL, slot0,
-        stride_qb, stride_qh, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
-        GROUP, BLOCK_H, BLOCK_N, C, C_PAD, D, DOT_PRECISION,
-    )  # fmt: skip
+        pid_br // GC,
+        pid_br % GC,
+        tl.program_id(1),
+        Q,
+        KV_HEADS,
+        CHANNELS,
+        K,
+        V,
+        O_PART,
+        LSE_PART,
+        qk_scale,
+        n_tokens,
+        tokens_per_split,
+        H,
+        S_TOTAL,
+        slot0,
+        stride_qb,
+        stride_qh,
+        stride_cr,
+        stride_kb,
+        stride_kr,
+        stride_kn,
+        stride_vb,
+        stride_vr,
+        stride_vn,
+        GROUP,
+        BLOCK_H,
+        BLOCK_N,
+        C,
+        C_PAD,
+        D,
+        DOT_PRECISION,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +218,11 @@ def _fill_unused(LSE_PART, rows, h_mask, first, S_TOTAL, BLOCK_H: tl.constexpr, 
     """lse = -inf in slots [first, S_TOTAL) of the given rows: slots this head leaves unused weigh nothing."""
     for s0 in range(first, S_TOTAL, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        tl.store(LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], tl.full([BLOCK_H, BLOCK_S], float("-inf"), tl.float32),
-                 mask=h_mask[:, None] & (offs_s < S_TOTAL)[None, :])  # fmt: skip
+        tl.store(
+            LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :],
+            tl.full([BLOCK_H, BLOCK_S], float("-inf"), tl.float32),
+            mask=h_mask[:, None] & (offs_s < S_TOTAL)[None, :],
+        )
 
 
 @triton.jit
@@ -144,11 +235,42 @@ def _count_in_group(g, KV_HEADS, GC, G_PAD: tl.constexpr):
 
 @triton.jit
 def _group_program(
-    pid, first_pid, end_pid, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
-    KV_HEADS, CHANNELS, K, V, GC, NM, PER, SPLITS, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
+    pid,
+    first_pid,
+    end_pid,
+    full_splits,
+    Q,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    H,
+    S_TOTAL,
+    stride_qb,
+    stride_qh,
+    KV_HEADS,
+    CHANNELS,
+    K,
+    V,
+    GC,
+    NM,
+    PER,
+    SPLITS,
+    stride_cr,
+    stride_kb,
+    stride_kr,
+    stride_kn,
+    stride_vb,
+    stride_vr,
+    stride_vn,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """If pid falls in [first_pid, end_pid): one (sequence, row, split) program of this group, splits fastest."""
     if (pid >= first_pid) & (pid < end_pid):
         local = pid - first_pid
@@ -157,31 +279,151 @@ def _group_program(
         b = br // GC
         r = br % GC
         _middle_program(
-            b, r, split, Q, KV_HEADS, CHANNELS, K, V, O_PART, LSE_PART, qk_scale, NM, PER, H, S_TOTAL, full_splits,
-            stride_qb, stride_qh, stride_cr, stride_kb, stride_kr, stride_kn, stride_vb, stride_vr, stride_vn,
-            GROUP, BLOCK_H, BLOCK_N, C, C_PAD, D, DOT_PRECISION,
-        )  # fmt: skip
+            b,
+            r,
+            split,
+            Q,
+            KV_HEADS,
+            CHANNELS,
+            K,
+            V,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            NM,
+            PER,
+            H,
+            S_TOTAL,
+            full_splits,
+            stride_qb,
+            stride_qh,
+            stride_cr,
+            stride_kb,
+            stride_kr,
+            stride_kn,
+            stride_vb,
+            stride_vr,
+            stride_vn,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            C,
+            C_PAD,
+            D,
+            DOT_PRECISION,
+        )
         if split == 0:  # this head's slots past its own splits
             offs_h = tl.arange(0, BLOCK_H)
             g = tl.load(KV_HEADS + r)
-            _fill_unused(LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits + SPLITS, S_TOTAL,
-                         BLOCK_H, BLOCK_S)  # fmt: skip
+            _fill_unused(
+                LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits + SPLITS, S_TOTAL, BLOCK_H, BLOCK_S
+            )
 
 
 @triton.jit
 def _leank_fused_kernel(
-    Q, KF, VF, O_PART, LSE_PART,
-    qk_scale, H, G, S_TOTAL, n_full, full_per_split, full_splits, end_full,
-    stride_qb, stride_qh, stride_kfb, stride_kfg, stride_kfn, stride_vfb, stride_vfg, stride_vfn,
-    H0, CH0, K0, V0, GC0, NM0, PER0, SPLITS0, END0, scr0, skb0, skr0, skn0, svb0, svr0, svn0,
-    H1, CH1, K1, V1, GC1, NM1, PER1, SPLITS1, END1, scr1, skb1, skr1, skn1, svb1, svr1, svn1,
-    H2, CH2, K2, V2, GC2, NM2, PER2, SPLITS2, END2, scr2, skb2, skr2, skn2, svb2, svr2, svn2,
-    H3, CH3, K3, V3, GC3, NM3, PER3, SPLITS3, END3, scr3, skb3, skr3, skn3, svb3, svr3, svn3,
-    NUM_GROUPS: tl.constexpr, C0: tl.constexpr, CP0: tl.constexpr, C1: tl.constexpr, CP1: tl.constexpr,
-    C2: tl.constexpr, CP2: tl.constexpr, C3: tl.constexpr, CP3: tl.constexpr, G_PAD: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
+    Q,
+    KF,
+    VF,
+    O_PART,
+    LSE_PART,
+    qk_scale,
+    H,
+    G,
+    S_TOTAL,
+    n_full,
+    full_per_split,
+    full_splits,
+    end_full,
+    stride_qb,
+    stride_qh,
+    stride_kfb,
+    stride_kfg,
+    stride_kfn,
+    stride_vfb,
+    stride_vfg,
+    stride_vfn,
+    H0,
+    CH0,
+    K0,
+    V0,
+    GC0,
+    NM0,
+    PER0,
+    SPLITS0,
+    END0,
+    scr0,
+    skb0,
+    skr0,
+    skn0,
+    svb0,
+    svr0,
+    svn0,
+    H1,
+    CH1,
+    K1,
+    V1,
+    GC1,
+    NM1,
+    PER1,
+    SPLITS1,
+    END1,
+    scr1,
+    skb1,
+    skr1,
+    skn1,
+    svb1,
+    svr1,
+    svn1,
+    H2,
+    CH2,
+    K2,
+    V2,
+    GC2,
+    NM2,
+    PER2,
+    SPLITS2,
+    END2,
+    scr2,
+    skb2,
+    skr2,
+    skn2,
+    svb2,
+    svr2,
+    svn2,
+    H3,
+    CH3,
+    K3,
+    V3,
+    GC3,
+    NM3,
+    PER3,
+    SPLITS3,
+    END3,
+    scr3,
+    skb3,
+    skr3,
+    skn3,
+    svb3,
+    svr3,
+    svn3,
+    NUM_GROUPS: tl.constexpr,
+    C0: tl.constexpr,
+    CP0: tl.constexpr,
+    C1: tl.constexpr,
+    CP1: tl.constexpr,
+    C2: tl.constexpr,
+    CP2: tl.constexpr,
+    C3: tl.constexpr,
+    CP3: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """One program of a 1-D grid: programs [0, end_full) do the full part, then each group's range in turn."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < end_full:
@@ -190,10 +432,34 @@ def _leank_fused_kernel(
         b = bg // G
         g = bg % G
         _dense_program(
-            b, g, split, Q, KF, VF, O_PART, LSE_PART, qk_scale, n_full, full_per_split, H, S_TOTAL, 0,
-            stride_qb, stride_qh, stride_kfb, stride_kfg, stride_kfn, stride_vfb, stride_vfg, stride_vfn,
-            GROUP, BLOCK_H, BLOCK_N, D, DOT_PRECISION,
-        )  # fmt: skip
+            b,
+            g,
+            split,
+            Q,
+            KF,
+            VF,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            n_full,
+            full_per_split,
+            H,
+            S_TOTAL,
+            0,
+            stride_qb,
+            stride_qh,
+            stride_kfb,
+            stride_kfg,
+            stride_kfn,
+            stride_vfb,
+            stride_vfg,
+            stride_vfn,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            D,
+            DOT_PRECISION,
+        )
         if split == 0:  # a head in no group (kept count 0) uses no middle slot
             member = _count_in_group(g, H0, GC0, G_PAD)
             if NUM_GROUPS >= 2:
@@ -204,30 +470,168 @@ def _leank_fused_kernel(
                 member += _count_in_group(g, H3, GC3, G_PAD)
             if member == 0:
                 offs_h = tl.arange(0, BLOCK_H)
-                _fill_unused(LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits, S_TOTAL,
-                             BLOCK_H, BLOCK_S)  # fmt: skip
-    _group_program(pid, end_full, END0, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
-                   H0, CH0, K0, V0, GC0, NM0, PER0, SPLITS0, scr0, skb0, skr0, skn0, svb0, svr0, svn0,
-                   GROUP, BLOCK_H, BLOCK_N, C0, CP0, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+                _fill_unused(
+                    LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits, S_TOTAL, BLOCK_H, BLOCK_S
+                )
+    _group_program(
+        pid,
+        end_full,
+        END0,
+        full_splits,
+        Q,
+        O_PART,
+        LSE_PART,
+        qk_scale,
+        H,
+        S_TOTAL,
+        stride_qb,
+        stride_qh,
+        H0,
+        CH0,
+        K0,
+        V0,
+        GC0,
+        NM0,
+        PER0,
+        SPLITS0,
+        scr0,
+        skb0,
+        skr0,
+        skn0,
+        svb0,
+        svr0,
+        svn0,
+        GROUP,
+        BLOCK_H,
+        BLOCK_N,
+        C0,
+        CP0,
+        D,
+        DOT_PRECISION,
+        BLOCK_S,
+    )
     if NUM_GROUPS >= 2:
-        _group_program(pid, END0, END1, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
-                       H1, CH1, K1, V1, GC1, NM1, PER1, SPLITS1, scr1, skb1, skr1, skn1, svb1, svr1, svn1,
-                       GROUP, BLOCK_H, BLOCK_N, C1, CP1, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+        _group_program(
+            pid,
+            END0,
+            END1,
+            full_splits,
+            Q,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            H,
+            S_TOTAL,
+            stride_qb,
+            stride_qh,
+            H1,
+            CH1,
+            K1,
+            V1,
+            GC1,
+            NM1,
+            PER1,
+            SPLITS1,
+            scr1,
+            skb1,
+            skr1,
+            skn1,
+            svb1,
+            svr1,
+            svn1,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            C1,
+            CP1,
+            D,
+            DOT_PRECISION,
+            BLOCK_S,
+        )
     if NUM_GROUPS >= 3:
-        _group_program(pid, END1, END2, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
-                       H2, CH2, K2, V2, GC2, NM2, PER2, SPLITS2, scr2, skb2, skr2, skn2, svb2, svr2, svn2,
-                       GROUP, BLOCK_H, BLOCK_N, C2, CP2, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+        _group_program(
+            pid,
+            END1,
+            END2,
+            full_splits,
+            Q,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            H,
+            S_TOTAL,
+            stride_qb,
+            stride_qh,
+            H2,
+            CH2,
+            K2,
+            V2,
+            GC2,
+            NM2,
+            PER2,
+            SPLITS2,
+            scr2,
+            skb2,
+            skr2,
+            skn2,
+            svb2,
+            svr2,
+            svn2,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            C2,
+            CP2,
+            D,
+            DOT_PRECISION,
+            BLOCK_S,
+        )
     if NUM_GROUPS >= 4:
-        _group_program(pid, END2, END3, full_splits, Q, O_PART, LSE_PART, qk_scale, H, S_TOTAL, stride_qb, stride_qh,
-                       H3, CH3, K3, V3, GC3, NM3, PER3, SPLITS3, scr3, skb3, skr3, skn3, svb3, svr3, svn3,
-                       GROUP, BLOCK_H, BLOCK_N, C3, CP3, D, DOT_PRECISION, BLOCK_S)  # fmt: skip
+        _group_program(
+            pid,
+            END2,
+            END3,
+            full_splits,
+            Q,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            H,
+            S_TOTAL,
+            stride_qb,
+            stride_qh,
+            H3,
+            CH3,
+            K3,
+            V3,
+            GC3,
+            NM3,
+            PER3,
+            SPLITS3,
+            scr3,
+            skb3,
+            skr3,
+            skn3,
+            svb3,
+            svr3,
+            svn3,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            C3,
+            CP3,
+            D,
+            DOT_PRECISION,
+            BLOCK_S,
+        )
 
 
 def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup]) -> None:
     """Shape, dtype, device and stride checks that need no GPU synchronisation."""
     if q.dim() != 3 or k_full.dim() != 4:
         raise ValueError(
-            f"expected q [B, H, D] and k_full, v_full [B, G, Nf, D], got q {list(q.shape)} and k_full {list(k_full.shape)}"
+            f"expected q [B, H, D] and k_full, v_full [B, G, Nf, D], "
+            f"got q {list(q.shape)} and k_full {list(k_full.shape)}"
         )
     if v_full.shape != k_full.shape:
         raise ValueError(f"v_full must have k_full's shape {list(k_full.shape)}, got {list(v_full.shape)}")
@@ -240,8 +644,13 @@ def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, g
     if Nf < 1:
         raise ValueError("the full part is empty (Nf = 0): it must hold at least the newest token")
     check_head_dim(D)
-    check_dtypes(q=q, k_full=k_full, v_full=v_full, **{f"groups[{i}].k": g.k for i, g in enumerate(groups)},
-                 **{f"groups[{i}].v": g.v for i, g in enumerate(groups)})  # fmt: skip
+    check_dtypes(
+        q=q,
+        k_full=k_full,
+        v_full=v_full,
+        **{f"groups[{i}].k": g.k for i, g in enumerate(groups)},
+        **{f"groups[{i}].v": g.v for i, g in enumerate(groups)},
+    )
     tensors = [q, k_full, v_full]
     n_heads = 0
     for i, grp in enumerate(groups):
@@ -254,16 +663,25 @@ def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, g
             )
         Gc, c = grp.channels.shape
         if c == 0:
-            raise ValueError(f"groups[{i}] keeps 0 channels: leave those heads out of groups (their middle is excluded)")
+            raise ValueError(
+                f"groups[{i}] keeps 0 channels: leave those heads out of groups (their middle is excluded)"
+            )
         if c % MIN_KEPT != 0 or c > D:
             raise ValueError(f"groups[{i}] keeps c={c} channels: c must be a multiple of {MIN_KEPT} and at most D={D}")
         if grp.k.dim() != 4 or grp.k.shape[:2] != (B, Gc) or grp.k.shape[3] != c:
             raise ValueError(f"groups[{i}].k has shape {list(grp.k.shape)}, expected [{B}, {Gc}, Nm, {c}]")
         if grp.v.shape != (B, Gc, grp.k.shape[2], D):
-            raise ValueError(f"groups[{i}].v has shape {list(grp.v.shape)}, expected [{B}, {Gc}, {grp.k.shape[2]}, {D}]")
-        check_last_dim_contiguous(**{f"groups[{i}].k": grp.k, f"groups[{i}].v": grp.v,
-                                     f"groups[{i}].kv_heads": grp.kv_heads,
-                                     f"groups[{i}].channels": grp.channels})  # fmt: skip
+            raise ValueError(
+                f"groups[{i}].v has shape {list(grp.v.shape)}, expected [{B}, {Gc}, {grp.k.shape[2]}, {D}]"
+            )
+        check_last_dim_contiguous(
+            **{
+                f"groups[{i}].k": grp.k,
+                f"groups[{i}].v": grp.v,
+                f"groups[{i}].kv_heads": grp.kv_heads,
+                f"groups[{i}].channels": grp.channels,
+            }
+        )
         tensors += [grp.kv_heads, grp.channels, grp.k, grp.v]
         n_heads += Gc
     if n_heads > G:
@@ -334,15 +752,39 @@ def leank_decode(
     for grp, splits, per_split in middles:
         Gc, Nm, c = grp.k.shape[1], grp.k.shape[2], grp.k.shape[3]
         _leank_middle_kernel[(B * Gc, splits)](
-            q, grp.kv_heads, grp.channels, grp.k, grp.v, o_part, lse_part,
-            qk_scale, Nm, per_split, Gc, H, s_total, full_splits,
-            q.stride(0), q.stride(1), grp.channels.stride(0),
-            grp.k.stride(0), grp.k.stride(1), grp.k.stride(2),
-            grp.v.stride(0), grp.v.stride(1), grp.v.stride(2),
-            GROUP=H // G, BLOCK_H=block_h(H // G), BLOCK_N=config.block_n,
-            C=c, C_PAD=triton.next_power_of_2(c), D=D, DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
+            q,
+            grp.kv_heads,
+            grp.channels,
+            grp.k,
+            grp.v,
+            o_part,
+            lse_part,
+            qk_scale,
+            Nm,
+            per_split,
+            Gc,
+            H,
+            s_total,
+            full_splits,
+            q.stride(0),
+            q.stride(1),
+            grp.channels.stride(0),
+            grp.k.stride(0),
+            grp.k.stride(1),
+            grp.k.stride(2),
+            grp.v.stride(0),
+            grp.v.stride(1),
+            grp.v.stride(2),
+            GROUP=H // G,
+            BLOCK_H=block_h(H // G),
+            BLOCK_N=config.block_n,
+            C=c,
+            C_PAD=triton.next_power_of_2(c),
+            D=D,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     launch_merge(o_part, lse_part, out)
     return out
@@ -359,20 +801,60 @@ def _launch_fused(q, k_full, v_full, middles, o_part, lse_part, qk_scale, full_s
         Gc, Nm, c = grp.k.shape[1], grp.k.shape[2], grp.k.shape[3]
         if i < len(middles):
             end += B * Gc * splits
-        group_args += [grp.kv_heads, grp.channels, grp.k, grp.v, Gc, Nm, per_split, splits, end,
-                       grp.channels.stride(0), grp.k.stride(0), grp.k.stride(1), grp.k.stride(2),
-                       grp.v.stride(0), grp.v.stride(1), grp.v.stride(2)]  # fmt: skip
+        group_args += [
+            grp.kv_heads,
+            grp.channels,
+            grp.k,
+            grp.v,
+            Gc,
+            Nm,
+            per_split,
+            splits,
+            end,
+            grp.channels.stride(0),
+            grp.k.stride(0),
+            grp.k.stride(1),
+            grp.k.stride(2),
+            grp.v.stride(0),
+            grp.v.stride(1),
+            grp.v.stride(2),
+        ]
         constexprs[f"C{i}"], constexprs[f"CP{i}"] = c, triton.next_power_of_2(c)
     _leank_fused_kernel[(end,)](
-        q, k_full, v_full, o_part, lse_part,
-        qk_scale, H, G, o_part.shape[2], Nf, full_per_split, full_splits, B * G * full_splits,
-        q.stride(0), q.stride(1), k_full.stride(0), k_full.stride(1), k_full.stride(2),
-        v_full.stride(0), v_full.stride(1), v_full.stride(2),
+        q,
+        k_full,
+        v_full,
+        o_part,
+        lse_part,
+        qk_scale,
+        H,
+        G,
+        o_part.shape[2],
+        Nf,
+        full_per_split,
+        full_splits,
+        B * G * full_splits,
+        q.stride(0),
+        q.stride(1),
+        k_full.stride(0),
+        k_full.stride(1),
+        k_full.stride(2),
+        v_full.stride(0),
+        v_full.stride(1),
+        v_full.stride(2),
         *group_args,
-        NUM_GROUPS=len(middles), **constexprs, G_PAD=triton.next_power_of_2(G),
-        GROUP=H // G, BLOCK_H=block_h(H // G), BLOCK_N=config.block_n, D=D, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_S=16, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        NUM_GROUPS=len(middles),
+        **constexprs,
+        G_PAD=triton.next_power_of_2(G),
+        GROUP=H // G,
+        BLOCK_H=block_h(H // G),
+        BLOCK_N=config.block_n,
+        D=D,
+        DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_S=16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def leank_layout_from_dense(

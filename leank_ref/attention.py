@@ -11,8 +11,9 @@ query [B, H, T, D], key/value [B, G, N, D] with N >= T; query i sits at absolute
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
@@ -94,9 +95,7 @@ class QKCapture:
         return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-def middle_key_mask(
-    q_pos: torch.Tensor, n_keys: int, sink: int, recent: int, decode_start: int = 0
-) -> torch.Tensor:
+def middle_key_mask(q_pos: torch.Tensor, n_keys: int, sink: int, recent: int, decode_start: int = 0) -> torch.Tensor:
     """Bool [T, N]: True where query t sees key j through the *pruned* K.
 
     A key is pruned for query t when t is a decode query (t >= decode_start), j is past the sink

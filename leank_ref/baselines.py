@@ -68,10 +68,14 @@ def check_counts(counts: torch.Tensor, shape: tuple[int, int, int], align: int) 
     layers, heads, d = shape
     check_align(align, d)
     if tuple(counts.shape) != (layers, heads):
-        raise ValueError(f"counts has shape {list(counts.shape)} but the model needs [{layers}, {heads}] (layers, kv_heads).")
+        raise ValueError(
+            f"counts has shape {list(counts.shape)} but the model needs [{layers}, {heads}] (layers, kv_heads)."
+        )
     counts = counts.long()
     if bool(((counts < 0) | (counts > d) | (counts % align != 0)).any()):
-        raise ValueError(f"every count must be a multiple of align={align} in [0, {d}]; got {counts.unique().tolist()}.")
+        raise ValueError(
+            f"every count must be a multiple of align={align} in [0, {d}]; got {counts.unique().tolist()}."
+        )
     return counts
 
 
@@ -116,7 +120,9 @@ class Selector:
         counts = check_counts(counts, shape, align)
         if self.per_prompt and capture is None:
             if prompt_ids is None:
-                raise ValueError(f"{self.name} chooses channels per prompt: pass prompt_ids (or a QKCapture of its prefill).")
+                raise ValueError(
+                    f"{self.name} chooses channels per prompt: pass prompt_ids (or a QKCapture of its prefill)."
+                )
             capture = capture_prompt(model, prompt_ids)
         return top_count_mask(self.scores(model, capture), counts)
 
@@ -140,11 +146,13 @@ class LeanKLearned(Selector):
     name: ClassVar[str] = "leank"
 
     @classmethod
-    def for_ratio(cls, ratio: float, masks_dir: str | Path = MASKS_DIR) -> "LeanKLearned":
+    def for_ratio(cls, ratio: float, masks_dir: str | Path = MASKS_DIR) -> LeanKLearned:
         """The shipped mask for ``ratio``; FileNotFoundError names the training command if it is missing."""
         path = learned_mask_path(ratio, masks_dir)
         if not path.exists():
-            raise FileNotFoundError(f"no learned mask at {path}: train it first (python -m leank_ref train --ratio {ratio}).")
+            raise FileNotFoundError(
+                f"no learned mask at {path}: train it first (python -m leank_ref train --ratio {ratio})."
+            )
         return cls(path)
 
     def mask(self, model, align: int | None = None) -> torch.Tensor:
@@ -160,8 +168,10 @@ class LeanKLearned(Selector):
         mask = self.mask(model, align)
         own = kept_counts(mask)
         if not torch.equal(own, check_counts(counts, tuple(mask.shape), align)):
-            raise ValueError(f"the learned mask {self.path.name} keeps other per-head counts than the budget; "
-                             "use kept_counts(mask) as the budget to compare at LeanK's allocation.")
+            raise ValueError(
+                f"the learned mask {self.path.name} keeps other per-head counts than the budget; "
+                "use kept_counts(mask) as the budget to compare at LeanK's allocation."
+            )
         return mask
 
 
@@ -246,7 +256,7 @@ class StaticImportance(Selector):
 
     @classmethod
     @torch.no_grad()
-    def calibrate(cls, model, tokenizer, num_prompts: int = 4, length: int = 1024) -> "StaticImportance":
+    def calibrate(cls, model, tokenizer, num_prompts: int = 4, length: int = 1024) -> StaticImportance:
         """Average the importance of ``num_prompts`` calibration prompts of ``length`` tokens."""
         total = torch.zeros(model_facts(model).mask_shape)
         for i in range(num_prompts):
@@ -271,11 +281,13 @@ class LeanKFactors(Selector):
     name: ClassVar[str] = "leank_factors"
 
     @classmethod
-    def load(cls, path: str | Path) -> "LeanKFactors":
+    def load(cls, path: str | Path) -> LeanKFactors:
         """Read the factors tensor (``weights_only``); FileNotFoundError names the training command."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no stage-1 factors at {path}: train them first (python -m leank_ref train --stage 1).")
+            raise FileNotFoundError(
+                f"no stage-1 factors at {path}: train them first (python -m leank_ref train --stage 1)."
+            )
         factors = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(factors, torch.Tensor) or factors.ndim != 3:
             raise ValueError(f"{path} must hold a [L, G, D] factors tensor.")

@@ -74,7 +74,7 @@ class HeadGroups:
     channels: tuple[torch.Tensor, ...]
 
     @classmethod
-    def from_mask(cls, layer_mask: torch.Tensor) -> "HeadGroups":
+    def from_mask(cls, layer_mask: torch.Tensor) -> HeadGroups:
         """Group the heads of a 0/1 layer mask [G, D]; zero-count heads (deployed rule) get no group."""
         counts = kept_counts(layer_mask)  # [G]
         stores_middle = ~zero_head_rule(layer_mask)  # [G]
@@ -123,7 +123,9 @@ class LeanKLayer(CacheLayerMixin):
         self._heads = [h.to(self.device) for h in self.heads.kv_heads]
         self._channels = [c.to(self.device) for c in self.heads.channels]
         reserve = middle_length(self.max_tokens, self.sink, self.recent, self.block) if self.max_tokens else 0
-        self._mid_k = [key_states.new_empty(b, len(h), reserve, c.shape[1]) for h, c in zip(self._heads, self._channels)]
+        self._mid_k = [
+            key_states.new_empty(b, len(h), reserve, c.shape[1]) for h, c in zip(self._heads, self._channels)
+        ]
         self._mid_v = [key_states.new_empty(b, len(h), reserve, d) for h in self._heads]
         self.is_initialized = True
         self._refresh_views()
@@ -188,7 +190,8 @@ class LeanKLayer(CacheLayerMixin):
             )
         if key_states.shape[0] != self._kv_full.shape[1]:
             raise ValueError(
-                f"batch size {key_states.shape[0]} does not match the cache's {self._kv_full.shape[1]}: use a new cache."
+                f"batch size {key_states.shape[0]} does not match the cache's {self._kv_full.shape[1]}: "
+                "use a new cache."
             )
         self._check_bound()
         self.attention.pending = (self, prefill)
@@ -299,7 +302,9 @@ class MemoryReport:
     dense_v: int
     dense_middle_k: int  # the dense cache's K (and V) for the middle tokens alone
     dense_middle_v: int
-    allocated: int = field(default=0, compare=False)  # bytes of the buffers behind them (reserved, growth slack included)
+    allocated: int = field(
+        default=0, compare=False
+    )  # bytes of the buffers behind them (reserved, growth slack included)
 
     @property
     def k(self) -> int:
@@ -376,9 +381,18 @@ class LeanKCache(Cache):
         per_token = len(live) * b * g * d * live[0].keys.element_size()  # bytes of K (or V) per dense token
         tokens, middle = live[0].length, live[0].middle
         return MemoryReport(
-            tokens, middle, full_k, full_v, middle_k, middle_v,
-            tokens * per_token, tokens * per_token, middle * per_token, middle * per_token, allocated,
-        )  # fmt: skip
+            tokens,
+            middle,
+            full_k,
+            full_v,
+            middle_k,
+            middle_v,
+            tokens * per_token,
+            tokens * per_token,
+            middle * per_token,
+            middle * per_token,
+            allocated,
+        )
 
 
 def memory_formula(
@@ -409,7 +423,7 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-_INSTALLED: "weakref.WeakKeyDictionary[object, LeanKHandle]" = weakref.WeakKeyDictionary()  # model -> its handle
+_INSTALLED: weakref.WeakKeyDictionary[object, LeanKHandle] = weakref.WeakKeyDictionary()  # model -> its handle
 
 
 @dataclass
@@ -446,7 +460,7 @@ class LeanKHandle:
         kwargs[cache_argument(self.model)] = self.cache
         return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
-    def install(self) -> "LeanKHandle":
+    def install(self) -> LeanKHandle:
         """Route the model's attention through the LeanK hook (done by :func:`apply_leank`; idempotent)."""
         if self._hook_ctx is None:
             previous = _INSTALLED.get(self.model)
@@ -468,7 +482,7 @@ class LeanKHandle:
             if _INSTALLED.get(self.model) is self:
                 del _INSTALLED[self.model]
 
-    def __enter__(self) -> "LeanKHandle":
+    def __enter__(self) -> LeanKHandle:
         return self.install()
 
     def __exit__(self, *exc) -> None:

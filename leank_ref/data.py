@@ -122,16 +122,15 @@ def _answer_ids(tokenizer, text: str) -> list[int]:
     return _encode(tokenizer, text) + end
 
 
-def passkey_example(
-    tokenizer, length: int, depth: float, seed: int = 0, max_length: int | None = None
-) -> Example:
+def passkey_example(tokenizer, length: int, depth: float, seed: int = 0, max_length: int | None = None) -> Example:
     """A passkey prompt of exactly ``length`` tokens with the key at relative ``depth`` of the filler."""
     _check_depth(depth)
     rng = random.Random(f"passkey-{seed}-{length}-{depth}")
     key = str(rng.randint(10000, 99999))
     before, after = _chat_parts(tokenizer)
-    head = _encode(tokenizer, before + "There is a pass key hidden inside a lot of irrelevant text. "
-                   "Find it and memorize it.\n\n")
+    head = _encode(
+        tokenizer, before + "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+    )
     needle = _encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key.\n")
     tail = _encode(tokenizer, "\n\nWhat is the pass key?" + after)
     n_fill = _check_length(tokenizer, length, len(head) + len(needle) + len(tail), max_length)
@@ -154,8 +153,9 @@ def kv_retrieval_example(
     values = [str(rng.randint(10000, 99999)) for _ in range(num_pairs)]
     target = rng.randrange(num_pairs)
     before, after = _chat_parts(tokenizer)
-    head = _encode(tokenizer, before + "The text below hides several records of the form 'key: value'. "
-                   "Read them carefully.\n\n")
+    head = _encode(
+        tokenizer, before + "The text below hides several records of the form 'key: value'. Read them carefully.\n\n"
+    )
     records = [_encode(tokenizer, f" Record {k}: {v}.\n") for k, v in zip(keys, values)]
     tail = _encode(tokenizer, f"\n\nWhat is the value of record {keys[target]}?" + after)
     overhead = len(head) + len(tail) + sum(len(r) for r in records)
@@ -172,8 +172,14 @@ def kv_retrieval_example(
     ids, n_ctx, labels = _assemble(
         tokenizer, pieces, _answer_ids(tokenizer, f"The value of record {keys[target]} is {answer}.")
     )
-    return Example(ids, n_ctx, labels, answer, "kv_retrieval",
-                   {"length": length, "num_pairs": num_pairs, "key": keys[target], "seed": seed})
+    return Example(
+        ids,
+        n_ctx,
+        labels,
+        answer,
+        "kv_retrieval",
+        {"length": length, "num_pairs": num_pairs, "key": keys[target], "seed": seed},
+    )
 
 
 def continuation_example(
@@ -186,8 +192,14 @@ def continuation_example(
     rng = random.Random(f"continuation-{seed}-{length}-{answer_length}")
     tokens = _filler(tokenizer, length + answer_length, rng)
     ids, n_ctx, labels = _assemble(tokenizer, [tokens[:length]], tokens[length:])
-    return Example(ids, n_ctx, labels, tokenizer.decode(tokens[length:]), "continuation",
-                   {"length": length, "answer_length": answer_length, "seed": seed})
+    return Example(
+        ids,
+        n_ctx,
+        labels,
+        tokenizer.decode(tokens[length:]),
+        "continuation",
+        {"length": length, "answer_length": answer_length, "seed": seed},
+    )
 
 
 TASKS = {"passkey": passkey_example, "kv_retrieval": kv_retrieval_example, "continuation": continuation_example}

@@ -98,7 +98,9 @@ class EvalGrid:
         """The fixed list of sample specs (task, length, seed, and depth for passkey) for ``task``."""
         base = SEED_BASE[task]
         if task == "passkey":
-            cells = [(n, d) for n in self.passkey_lengths for d in self.passkey_depths for _ in range(self.passkey_repeats)]
+            cells = [
+                (n, d) for n in self.passkey_lengths for d in self.passkey_depths for _ in range(self.passkey_repeats)
+            ]
             return [{"task": task, "length": n, "depth": d, "seed": base + i} for i, (n, d) in enumerate(cells)]
         if task == "kv_retrieval":
             lengths, count = self.kv_lengths, self.kv_samples
@@ -112,9 +114,17 @@ class EvalGrid:
 def tiny_grid(**overrides) -> EvalGrid:
     """A grid that runs in well under a minute: tests and the notebook's live check."""
     values = dict(
-        ratios=(0.5, 0.8), passkey_lengths=(256,), passkey_depths=(0.5,), passkey_repeats=2,
-        kv_lengths=(256,), kv_samples=1, continuation_lengths=(256,), continuation_samples=2, answer_length=8,
-        calibration_prompts=1, calibration_length=256,
+        ratios=(0.5, 0.8),
+        passkey_lengths=(256,),
+        passkey_depths=(0.5,),
+        passkey_repeats=2,
+        kv_lengths=(256,),
+        kv_samples=1,
+        continuation_lengths=(256,),
+        continuation_samples=2,
+        answer_length=8,
+        calibration_prompts=1,
+        calibration_length=256,
     )
     values.update(overrides)
     return EvalGrid(**values)
@@ -167,7 +177,9 @@ def build_configs(
     pending: list[str] = []
     fixed: dict[str, Selector] = {}
     if "static_qk" in grid.methods:
-        fixed["static_qk"] = StaticImportance.calibrate(model, tokenizer, grid.calibration_prompts, grid.calibration_length)
+        fixed["static_qk"] = StaticImportance.calibrate(
+            model, tokenizer, grid.calibration_prompts, grid.calibration_length
+        )
     if "leank_factors" in grid.methods:
         path = Path(masks_dir) / STAGE1_FACTORS
         if path.exists():
@@ -189,7 +201,9 @@ def build_configs(
                 continue
             if method == "leank":
                 if source == "leank":
-                    configs.append(Config("leank", ratio, "leank", LeanKLearned(learned_mask_path(ratio, masks_dir)), counts))
+                    configs.append(
+                        Config("leank", ratio, "leank", LeanKLearned(learned_mask_path(ratio, masks_dir)), counts)
+                    )
                 else:
                     pending.append(f"leank r={ratio:g}: no learned mask at {learned_mask_path(ratio, masks_dir)}")
                 continue
@@ -299,7 +313,13 @@ def prefill(model, prompt_ids: torch.Tensor) -> tuple[PromptCapture, torch.Tenso
 
 @torch.no_grad()
 def generate_rows(
-    model, prompt: PromptCapture, first_token: int, masks: torch.Tensor, grid: EvalGrid, tokenizer, answer: str,
+    model,
+    prompt: PromptCapture,
+    first_token: int,
+    masks: torch.Tensor,
+    grid: EvalGrid,
+    tokenizer,
+    answer: str,
     max_new_tokens: int,
 ) -> list[list[int]]:
     """Greedy decoding of up to ``max_new_tokens`` (the first included), one row per mask [B, L, G, D], after the
@@ -336,9 +356,10 @@ def generate_rows(
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model, prompt: PromptCapture, answer_ids: torch.Tensor, masks: torch.Tensor,
-                            grid: EvalGrid) -> torch.Tensor:
-    """Log-probs [B, A-1, V] of the next token at the decode positions, feeding ``answer_ids[:-1]`` [A-1] to each row."""
+def teacher_forced_logprobs(
+    model, prompt: PromptCapture, answer_ids: torch.Tensor, masks: torch.Tensor, grid: EvalGrid
+) -> torch.Tensor:
+    """Log-probs [B, A-1, V] of the next token at the decode positions, feeding ``answer_ids[:-1]`` to each row."""
     decoder = RowsDecode(prompt, masks, grid.sink, grid.recent)
     rows = masks.shape[0]
     device = next(model.parameters()).device
@@ -364,7 +385,7 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
     base = {k: spec.get(k) for k in ("task", "length", "depth", "seed")}
     rows = []
     if spec["task"] == "continuation":
-        logprobs = teacher_forced_logprobs(model, capture, ex.input_ids[ex.length_context:], masks, grid)
+        logprobs = teacher_forced_logprobs(model, capture, ex.input_ids[ex.length_context :], masks, grid)
         dense = logprobs[[c.method for c in configs].index("dense")]
         for c, lp in zip(configs, logprobs):
             kl, top1 = kl_and_agreement(dense, lp)
@@ -375,8 +396,17 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
         outputs = generate_rows(model, capture, first, masks, grid, tokenizer, ex.answer, budget)
         for c, ids in zip(configs, outputs):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            rows.append({**base, "method": c.method, "ratio": c.ratio, "budget": c.budget,
-                         "correct": int(ex.answer in text), "answer": ex.answer, "output": text.strip()})
+            rows.append(
+                {
+                    **base,
+                    "method": c.method,
+                    "ratio": c.ratio,
+                    "budget": c.budget,
+                    "correct": int(ex.answer in text),
+                    "answer": ex.answer,
+                    "output": text.strip(),
+                }
+            )
     return rows
 
 
@@ -455,9 +485,18 @@ def config_memory(configs: list[Config], model, grid: EvalGrid, context: int) ->
     for c in configs:
         counts = torch.full(shape[:2], shape[2]) if c.counts is None else c.counts
         stats = mask_stats(top_count_mask(torch.zeros(shape), counts), context, grid.sink, grid.recent)
-        out.append({"method": c.method, "ratio": c.ratio, "budget": c.budget, "context": context,
-                    "pruned_ratio": stats.pruned_ratio, "zero_heads": stats.zero_heads,
-                    "k_saved": stats.k_saved, "v_saved": stats.v_saved})
+        out.append(
+            {
+                "method": c.method,
+                "ratio": c.ratio,
+                "budget": c.budget,
+                "context": context,
+                "pruned_ratio": stats.pruned_ratio,
+                "zero_heads": stats.zero_heads,
+                "k_saved": stats.k_saved,
+                "v_saved": stats.v_saved,
+            }
+        )
     return out
 
 
@@ -475,6 +514,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def read_rows(path: str | Path) -> list[dict]:
     """Read a samples/summary CSV back with numbers as numbers (empty cells -> None)."""
+
     def parse(v: str):
         if v == "":
             return None
@@ -510,9 +550,17 @@ def _worker_sample(spec: dict) -> list[dict]:
     return evaluate_sample(_WORKER["model"], _WORKER["tokenizer"], spec, _WORKER["configs"], _WORKER["grid"])
 
 
-def evaluate_specs(model, tokenizer, specs: list[dict], configs: list[Config], grid: EvalGrid, workers: int = 1,
-                   model_path: str | None = None, progress: bool = True) -> list[dict]:
-    """Result rows of every sample spec, in spec order; ``workers`` > 1 spreads samples over processes (1 thread each)."""
+def evaluate_specs(
+    model,
+    tokenizer,
+    specs: list[dict],
+    configs: list[Config],
+    grid: EvalGrid,
+    workers: int = 1,
+    model_path: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Result rows of every sample spec, in spec order; ``workers`` > 1 spreads samples over processes."""
     bar = tqdm(total=len(specs), desc=f"{len(specs)} samples x {len(configs)} configs", disable=not progress)
     if workers <= 1:
         rows = []
@@ -523,8 +571,9 @@ def evaluate_specs(model, tokenizer, specs: list[dict], configs: list[Config], g
         return rows
     ctx = multiprocessing.get_context("spawn")
     results: dict[int, list[dict]] = {}
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(model_path, configs, grid)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(model_path, configs, grid)
+    ) as pool:
         futures = {pool.submit(_worker_sample, spec): i for i, spec in enumerate(specs)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
@@ -564,8 +613,9 @@ def run_evaluation(
         "summary": summary,
         "headline": {t: headline(summary, t) for t in grid.tasks if t in ACCURACY_TASKS},
         "by_length": summarize(rows, ("task", "method", "ratio", "budget", "length")),
-        "by_cell": summarize([r for r in rows if r["task"] == "passkey"],
-                             ("task", "method", "ratio", "budget", "length", "depth")),
+        "by_cell": summarize(
+            [r for r in rows if r["task"] == "passkey"], ("task", "method", "ratio", "budget", "length", "depth")
+        ),
         "memory": config_memory(configs, model, grid, max(contexts)),
         "runtime_s": time.perf_counter() - start,
         "workers": workers,
@@ -598,11 +648,29 @@ def dense_passkey_scan(
             depth = random.Random(f"scan-{seed}-{length}").random()
             ex = make_example("passkey", tokenizer, length, seed=seed, depth=depth)
             capture, last_logits = prefill(model, ex.context_ids)
-            ids = generate_rows(model, capture, int(last_logits.argmax()), torch.ones(1, *shape), grid, tokenizer,
-                                ex.answer, grid.max_new_tokens)[0]
+            ids = generate_rows(
+                model,
+                capture,
+                int(last_logits.argmax()),
+                torch.ones(1, *shape),
+                grid,
+                tokenizer,
+                ex.answer,
+                grid.max_new_tokens,
+            )[0]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            rows.append({"task": "passkey", "method": "dense", "ratio": 0.0, "budget": "none", "length": length,
-                         "depth": depth, "seed": seed, "correct": int(ex.answer in text)})
+            rows.append(
+                {
+                    "task": "passkey",
+                    "method": "dense",
+                    "ratio": 0.0,
+                    "budget": "none",
+                    "length": length,
+                    "depth": depth,
+                    "seed": seed,
+                    "correct": int(ex.answer in text),
+                }
+            )
     return rows
 
 
@@ -614,26 +682,49 @@ def add_arguments(parser) -> None:
     """The ``evaluate`` subcommand's options (defaults: the full grid of notebook 06)."""
     d = EvalGrid()
     methods = sorted(set(SELECTORS) - {"dense"})
-    parser.add_argument("--method", nargs="+", choices=methods, default=list(d.methods),
-                        help="methods to compare with dense (default: all)")
-    parser.add_argument("--ratio", nargs="+", type=float, default=list(d.ratios), help="pruning ratios (default 0.5 0.7 0.8)")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        choices=methods,
+        default=list(d.methods),
+        help="methods to compare with dense (default: all)",
+    )
+    parser.add_argument(
+        "--ratio", nargs="+", type=float, default=list(d.ratios), help="pruning ratios (default 0.5 0.7 0.8)"
+    )
     parser.add_argument("--task", nargs="+", choices=("passkey", "kv_retrieval", "continuation"), default=list(d.tasks))
     parser.add_argument("--passkey-lengths", nargs="+", type=int, default=list(d.passkey_lengths))
-    parser.add_argument("--passkey-repeats", type=int, default=d.passkey_repeats, help="samples per (length, depth) cell")
+    parser.add_argument(
+        "--passkey-repeats", type=int, default=d.passkey_repeats, help="samples per (length, depth) cell"
+    )
     parser.add_argument("--kv-samples", type=int, default=d.kv_samples)
     parser.add_argument("--continuation-samples", type=int, default=d.continuation_samples)
-    parser.add_argument("--no-uniform-ablation", action="store_true",
-                        help="skip the heuristics at uniform counts where LeanK's counts are the budget")
+    parser.add_argument(
+        "--no-uniform-ablation",
+        action="store_true",
+        help="skip the heuristics at uniform counts where LeanK's counts are the budget",
+    )
     parser.add_argument("--tiny", action="store_true", help="a grid of a few samples (seconds; a smoke test)")
-    parser.add_argument("--scan", nargs="*", type=int, metavar="LENGTH",
-                        help="instead of the grid: dense passkey accuracy at these lengths (default 256 ... 2048)")
+    parser.add_argument(
+        "--scan",
+        nargs="*",
+        type=int,
+        metavar="LENGTH",
+        help="instead of the grid: dense passkey accuracy at these lengths (default 256 ... 2048)",
+    )
     parser.add_argument("--scan-samples", type=int, default=30, help="samples per length of --scan")
     parser.add_argument("--masks-dir", default=str(MASKS_DIR), help="folder of the shipped masks and factors")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default results/)")
     parser.add_argument("--name", default="eval", help="file stem: <name>.json, <name>_samples.csv, <name>_summary.csv")
-    parser.add_argument("--model", help="local Llama/Qwen2 checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes of one thread each sharing the samples (2 on a 2-core machine: fastest)")
+    parser.add_argument(
+        "--model", help="local Llama/Qwen2 checkpoint folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes of one thread each sharing the samples (2 on a 2-core machine: fastest)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads of a single process (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -653,28 +744,59 @@ def run_command(args) -> int:
         rows = dense_passkey_scan(model, tokenizer, lengths, args.scan_samples, progress=not args.no_progress)
         summary = summarize(rows, ("task", "method", "length"))
         out.mkdir(parents=True, exist_ok=True)
-        report = {"summary": summary, "samples_per_length": args.scan_samples, "runtime_s": time.perf_counter() - start,
-                  "provenance": provenance("cpu")}
+        report = {
+            "summary": summary,
+            "samples_per_length": args.scan_samples,
+            "runtime_s": time.perf_counter() - start,
+            "provenance": provenance("cpu"),
+        }
         (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
         for s in summary:
-            print(f"length {s['length']:>5}: dense passkey {s['accuracy']:.2f} [{s['acc_low']:.2f}, {s['acc_high']:.2f}] (n={s['n']})")
+            print(
+                f"length {s['length']:>5}: dense passkey {s['accuracy']:.2f} "
+                f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] (n={s['n']})"
+            )
         return 0
-    overrides = dict(methods=tuple(args.method), ratios=tuple(args.ratio), tasks=tuple(args.task),
-                     uniform_ablation=not args.no_uniform_ablation)
+    overrides = dict(
+        methods=tuple(args.method),
+        ratios=tuple(args.ratio),
+        tasks=tuple(args.task),
+        uniform_ablation=not args.no_uniform_ablation,
+    )
     if args.tiny:
         grid = tiny_grid(**overrides)
     else:
-        grid = EvalGrid(**overrides, passkey_lengths=tuple(args.passkey_lengths), passkey_repeats=args.passkey_repeats,
-                        kv_samples=args.kv_samples, continuation_samples=args.continuation_samples)
-    report = run_evaluation(model, tokenizer, grid, out, args.name, args.masks_dir, progress=not args.no_progress,
-                            workers=args.workers, model_path=args.model)
+        grid = EvalGrid(
+            **overrides,
+            passkey_lengths=tuple(args.passkey_lengths),
+            passkey_repeats=args.passkey_repeats,
+            kv_samples=args.kv_samples,
+            continuation_samples=args.continuation_samples,
+        )
+    report = run_evaluation(
+        model,
+        tokenizer,
+        grid,
+        out,
+        args.name,
+        args.masks_dir,
+        progress=not args.no_progress,
+        workers=args.workers,
+        model_path=args.model,
+    )
     for line in report["pending"]:
         print(f"pending: {line}")
     for s in report["summary"]:
         label = "dense" if s["method"] == "dense" else f"{s['method']}@{s['ratio']:g}/{s['budget']}"
         if "accuracy" in s:
-            print(f"{s['task']:>13} {label:<28} acc {s['accuracy']:.2f} [{s['acc_low']:.2f}, {s['acc_high']:.2f}] n={s['n']}")
+            print(
+                f"{s['task']:>13} {label:<28} acc {s['accuracy']:.2f} "
+                f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] n={s['n']}"
+            )
         else:
-            print(f"{s['task']:>13} {label:<28} KL {s['kl']:.4f} [{s['kl_low']:.4f}, {s['kl_high']:.4f}] top-1 {s['top1']:.3f}")
+            print(
+                f"{s['task']:>13} {label:<28} KL {s['kl']:.4f} "
+                f"[{s['kl_low']:.4f}, {s['kl_high']:.4f}] top-1 {s['top1']:.3f}"
+            )
     print(f"wrote {out}/{args.name}.json ({report['runtime_s']:.0f} s wall, {args.workers} worker(s))")
     return 0

@@ -29,7 +29,9 @@ def check_align(align: int, head_dim: int) -> None:
 def check_shape(tensor: torch.Tensor, shape: tuple[int, int, int] | None, what: str = "mask") -> None:
     """Raise unless ``tensor`` is 3-D [L, G, D] and, if given, exactly ``shape`` (the model's)."""
     if tensor.ndim != 3:
-        raise ValueError(f"{what} must be [layers, kv_heads, head_dim]; got a {tensor.ndim}-D tensor {list(tensor.shape)}.")
+        raise ValueError(
+            f"{what} must be [layers, kv_heads, head_dim]; got a {tensor.ndim}-D tensor {list(tensor.shape)}."
+        )
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise ValueError(
             f"{what} has shape {list(tensor.shape)} but the model needs {list(shape)} "
@@ -61,7 +63,9 @@ def kept_counts(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1).round().long()
 
 
-def validate_mask(mask: torch.Tensor, shape: tuple[int, int, int] | None = None, align: int | None = None) -> torch.Tensor:
+def validate_mask(
+    mask: torch.Tensor, shape: tuple[int, int, int] | None = None, align: int | None = None
+) -> torch.Tensor:
     """Check a mask (3-D, the model's shape, only 0/1, counts multiples of ``align``); return it as float32."""
     check_shape(mask, shape)
     if not mask.is_floating_point() and mask.dtype != torch.bool:
@@ -90,7 +94,9 @@ def save_mask(mask: torch.Tensor, path: str | os.PathLike) -> None:
     torch.save(mask.contiguous().cpu(), path)
 
 
-def load_mask(path: str | os.PathLike, shape: tuple[int, int, int] | None = None, align: int | None = None) -> torch.Tensor:
+def load_mask(
+    path: str | os.PathLike, shape: tuple[int, int, int] | None = None, align: int | None = None
+) -> torch.Tensor:
     """Load a mask saved in the authors' format (``weights_only=True``) and validate it."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, torch.Tensor):

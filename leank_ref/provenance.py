@@ -16,12 +16,17 @@ COMMIT_ENV = "LEANK_REF_GIT_COMMIT"  # set it where the code runs from a copy wi
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit (``+dirty`` if tracked files changed), else $LEANK_REF_GIT_COMMIT, else 'unknown'."""
+    """HEAD's commit (``+dirty`` if tracked files changed), else $LEANK_REF_GIT_COMMIT, else 'unknown'."""
     root = Path(leank_ref.__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get(COMMIT_ENV, "unknown")

@@ -10,7 +10,7 @@ frequency (is the important set the slowly rotating pairs?).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -40,14 +40,17 @@ def channel_importance(
     q_items, k_items = _as_layer_list(queries), _as_layer_list(keys)
     q_layers, k_layers = [l for l, _ in q_items], [l for l, _ in k_items]
     if q_layers != k_layers:
-        raise ValueError(f"queries cover layers {q_layers} but keys cover {k_layers}; capture both for the same layers.")
+        raise ValueError(
+            f"queries cover layers {q_layers} but keys cover {k_layers}; capture both for the same layers."
+        )
     if not q_items:
         raise ValueError("no layers given: capture queries and keys of at least one layer first.")
     out = []
     for (layer, q), (_, k) in zip(q_items, k_items):
         if q.ndim != 4 or k.ndim != 4:
             raise ValueError(
-                f"layer {layer}: expected query [B, H, T, D] and key [B, G, N, D]; got {list(q.shape)} and {list(k.shape)}."
+                f"layer {layer}: expected query [B, H, T, D] and key [B, G, N, D]; "
+                f"got {list(q.shape)} and {list(k.shape)}."
             )
         (b, h, _, d), (bk, g, _, dk) = q.shape, k.shape
         if b != bk or d != dk or h % g != 0:
@@ -100,7 +103,9 @@ def top_channels(importance: torch.Tensor, frac: float) -> torch.Tensor:
 def topk_overlap(imp_a: torch.Tensor, imp_b: torch.Tensor, frac: float) -> torch.Tensor:
     """[L, G]: |A ∩ B| / k for the top-``frac`` channel sets A, B of two importances (1 = same set)."""
     if imp_a.shape != imp_b.shape:
-        raise ValueError(f"importances have shapes {list(imp_a.shape)} and {list(imp_b.shape)}; compare the same layers.")
+        raise ValueError(
+            f"importances have shapes {list(imp_a.shape)} and {list(imp_b.shape)}; compare the same layers."
+        )
     k = top_count(imp_a.shape[-1], frac)
     both = top_channels(imp_a, frac) & top_channels(imp_b, frac)
     return both.sum(dim=-1).float() / k

@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def for_stage(cls, stage: int, **overrides) -> "TrainConfig":
+    def for_stage(cls, stage: int, **overrides) -> TrainConfig:
         """The defaults of ``stage`` (1 or 2), with ``overrides`` applied (``None`` values are ignored)."""
         if stage not in (1, 2):
             raise ValueError(f"stage={stage}: choose 1 (learn factors) or 2 (fine-tune under a binary mask).")
@@ -158,8 +158,13 @@ def answer_hidden_states(model, cache: DynamicCache, example: Example, hook=None
 
 def student_hook(scale: torch.Tensor, example: Example, config: TrainConfig) -> SimulatedLeanK:
     """LeanK's simulated attention for this example: answer queries see ``K * scale`` for middle keys."""
-    return SimulatedLeanK(scale, config.sink, config.recent, decode_start=example.length_context,
-                          exclude_zero_heads=config.exclude_zero_heads)
+    return SimulatedLeanK(
+        scale,
+        config.sink,
+        config.recent,
+        decode_start=example.length_context,
+        exclude_zero_heads=config.exclude_zero_heads,
+    )
 
 
 def distillation_loss(model, example: Example, scale: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -172,8 +177,9 @@ def distillation_loss(model, example: Example, scale: torch.Tensor, config: Trai
 
 
 @torch.no_grad()
-def evaluate_scales(model, examples: list[Example], scales: dict[str, torch.Tensor], config: TrainConfig,
-                    progress: bool = False) -> dict[str, list[float]]:
+def evaluate_scales(
+    model, examples: list[Example], scales: dict[str, torch.Tensor], config: TrainConfig, progress: bool = False
+) -> dict[str, list[float]]:
     """Distillation loss of each named scale (factors or 0/1 mask) on each example; one prefill per example."""
     losses: dict[str, list[float]] = {name: [] for name in scales}
     for example in tqdm(examples, desc="evaluate", disable=not progress):
@@ -333,18 +339,20 @@ class Trainer:
         with torch.no_grad():
             self.factors.clamp_(0.0, 1.0)
         f = self.factors.detach()
-        record.update({
-            "task": example.task,
-            "context": example.length_context,
-            "labels": int((example.labels != IGNORE_INDEX).sum()),
-            "distill_loss": float(distill.detach()),
-            "reg_loss": float(reg.detach()),
-            "loss": float(loss.detach()),
-            "lr": lr,
-            "mean_factor": float(f.mean()),
-            "share_below_0.1": float((f < LOW_FACTOR).float().mean()),
-            "seconds": time.perf_counter() - start,
-        })
+        record.update(
+            {
+                "task": example.task,
+                "context": example.length_context,
+                "labels": int((example.labels != IGNORE_INDEX).sum()),
+                "distill_loss": float(distill.detach()),
+                "reg_loss": float(reg.detach()),
+                "loss": float(loss.detach()),
+                "lr": lr,
+                "mean_factor": float(f.mean()),
+                "share_below_0.1": float((f < LOW_FACTOR).float().mean()),
+                "seconds": time.perf_counter() - start,
+            }
+        )
         self.log.append(record)
         self.next_step += 1
         return record
@@ -410,8 +418,14 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def run(self, checkpoint: str | Path | None = None, every: int = 0, resume: bool = False,
-            until: int | None = None, progress: bool = True) -> TrainResult:
+    def run(
+        self,
+        checkpoint: str | Path | None = None,
+        every: int = 0,
+        resume: bool = False,
+        until: int | None = None,
+        progress: bool = True,
+    ) -> TrainResult:
         """Train to ``config.steps`` (or stop after step ``until``), saving ``checkpoint`` every ``every`` steps
         and at the end; with ``resume`` continue from ``checkpoint`` if it exists."""
         if resume and checkpoint is None:
@@ -420,12 +434,18 @@ class Trainer:
             self.load_checkpoint(checkpoint)
         stop = self.config.steps if until is None else min(until, self.config.steps)
         start = time.perf_counter()
-        bar = tqdm(range(self.next_step, stop), desc=f"stage {self.config.stage}", disable=not progress,
-                   initial=self.next_step, total=stop)
+        bar = tqdm(
+            range(self.next_step, stop),
+            desc=f"stage {self.config.stage}",
+            disable=not progress,
+            initial=self.next_step,
+            total=stop,
+        )
         for _ in bar:
             rec = self.step()
-            bar.set_postfix(distill=f"{rec['distill_loss']:.4f}", mean=f"{rec['mean_factor']:.3f}",
-                            lr=f"{rec['lr']:.2e}")
+            bar.set_postfix(
+                distill=f"{rec['distill_loss']:.4f}", mean=f"{rec['mean_factor']:.3f}", lr=f"{rec['lr']:.2e}"
+            )
             if checkpoint is not None and every and self.next_step % every == 0:
                 self.save_checkpoint(checkpoint)
         if checkpoint is not None:
@@ -440,7 +460,6 @@ def train(model, tokenizer, config: TrainConfig, factors: torch.Tensor | None = 
     return Trainer(model, tokenizer, config, factors).run(**run_kwargs)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Command line: ``python -m leank_ref train --stage 1|2 ...`` (registered in ``leank_ref/__main__.py``).
 
@@ -448,26 +467,46 @@ def train(model, tokenizer, config: TrainConfig, factors: torch.Tensor | None = 
 def add_arguments(parser) -> None:
     """The ``train`` subcommand's options; unset options take the stage's defaults (:meth:`TrainConfig.for_stage`)."""
     d = TrainConfig()
-    parser.add_argument("--stage", type=int, choices=(1, 2), required=True,
-                        help="1: learn factors from 1.0; 2: fine-tune stage-1 factors under a binary mask")
-    parser.add_argument("--out", required=True,
-                        help="output .pth: factors (stage 1) or mask (stage 2); <out>.json and <out>.log.jsonl beside it")
+    parser.add_argument(
+        "--stage",
+        type=int,
+        choices=(1, 2),
+        required=True,
+        help="1: learn factors from 1.0; 2: fine-tune stage-1 factors under a binary mask",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output .pth: factors (stage 1) or mask (stage 2); <out>.json and <out>.log.jsonl beside it",
+    )
     parser.add_argument("--factors", help="stage-1 factors .pth (stage 2 starts from them; stage 1 may too)")
     parser.add_argument("--ratio", type=float, help="stage 2: share of K channels to prune, in (0, 1)")
-    parser.add_argument("--align", type=int, help=f"kept count per head is a multiple of this (default {d.align}; authors 32)")
+    parser.add_argument(
+        "--align", type=int, help=f"kept count per head is a multiple of this (default {d.align}; authors 32)"
+    )
     parser.add_argument("--steps", type=int, help="default 2000 (stage 1) / 200 (stage 2), the authors' values")
     parser.add_argument("--lr", type=float, help="default 0.02 (stage 1) / 0.01 (stage 2), the authors' values")
     parser.add_argument("--reg-weight", type=float, help="L1 weight lambda; default 0.06 (stage 1) / 0 (stage 2)")
     parser.add_argument("--sink", type=int, help=f"sink tokens (default {d.sink}; authors 128)")
     parser.add_argument("--recent", type=int, help=f"recent window (default {d.recent}; authors 1024)")
-    parser.add_argument("--context-min", type=int, help=f"shortest context in tokens (default {d.context_min}; authors 4000)")
-    parser.add_argument("--context-max", type=int, help=f"longest context in tokens (default {d.context_max}; authors 96000)")
+    parser.add_argument(
+        "--context-min", type=int, help=f"shortest context in tokens (default {d.context_min}; authors 4000)"
+    )
+    parser.add_argument(
+        "--context-max", type=int, help=f"longest context in tokens (default {d.context_max}; authors 96000)"
+    )
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="training mixture (default: all three)")
     parser.add_argument("--init", type=float, help="starting factor for stage 1 (default 1.0)")
-    parser.add_argument("--exclude-zero-heads", action="store_true", default=None,
-                        help="train with the deployed meaning of zero-count heads (default: the authors' logit 0)")
+    parser.add_argument(
+        "--exclude-zero-heads",
+        action="store_true",
+        default=None,
+        help="train with the deployed meaning of zero-count heads (default: the authors' logit 0)",
+    )
     parser.add_argument("--seed", type=int, help="data and RNG seed (default 0)")
-    parser.add_argument("--model", help="local Llama/Qwen2 checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", help="local Llama/Qwen2 checkpoint folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights' dtype")
     parser.add_argument("--checkpoint", help="checkpoint file (default <out>.ckpt when --checkpoint-every or --resume)")
@@ -498,20 +537,35 @@ def run_command(args) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     shape = model_facts(model).mask_shape
     config = TrainConfig.for_stage(
-        args.stage, steps=args.steps, lr=args.lr, reg_weight=args.reg_weight, ratio=args.ratio, align=args.align,
-        sink=args.sink, recent=args.recent, context_min=args.context_min, context_max=args.context_max,
-        tasks=args.tasks, init=args.init, exclude_zero_heads=args.exclude_zero_heads, seed=args.seed)
+        args.stage,
+        steps=args.steps,
+        lr=args.lr,
+        reg_weight=args.reg_weight,
+        ratio=args.ratio,
+        align=args.align,
+        sink=args.sink,
+        recent=args.recent,
+        context_min=args.context_min,
+        context_max=args.context_max,
+        tasks=args.tasks,
+        init=args.init,
+        exclude_zero_heads=args.exclude_zero_heads,
+        seed=args.seed,
+    )
     factors = load_factors(args.factors, shape) if args.factors else None
     checkpoint = args.checkpoint or (str(out) + ".ckpt" if args.checkpoint_every or args.resume else None)
     trainer = Trainer(model, tokenizer, config, factors)
-    result = trainer.run(checkpoint, every=args.checkpoint_every, resume=args.resume, until=args.until,
-                         progress=not args.no_progress)
+    result = trainer.run(
+        checkpoint, every=args.checkpoint_every, resume=args.resume, until=args.until, progress=not args.no_progress
+    )
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(rec) + "\n" for rec in result.log))
     if trainer.next_step < config.steps:
-        print(f"stopped after step {trainer.next_step} of {config.steps}; continue with --resume "
-              f"(checkpoint {checkpoint}). Log so far: {log_path}")
+        print(
+            f"stopped after step {trainer.next_step} of {config.steps}; continue with --resume "
+            f"(checkpoint {checkpoint}). Log so far: {log_path}"
+        )
         return 0
 
     if config.stage == 1:
@@ -519,7 +573,7 @@ def run_command(args) -> int:
     else:
         save_mask(result.mask, out)
     last = result.log[-1]
-    tail = result.log[-max(1, len(result.log) // 10):]
+    tail = result.log[-max(1, len(result.log) // 10) :]
     meta = {
         "command": "train",
         "stage": config.stage,

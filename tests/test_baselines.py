@@ -48,8 +48,11 @@ def learned(tmp_path_factory):
 
 
 def budgets(learned_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"uniform_0.5": uniform_counts(SHAPE, 0.5, ALIGN), "uniform_0.8": uniform_counts(SHAPE, 0.8, ALIGN),
-            "learned_0.7": kept_counts(learned_mask)}
+    return {
+        "uniform_0.5": uniform_counts(SHAPE, 0.5, ALIGN),
+        "uniform_0.8": uniform_counts(SHAPE, 0.8, ALIGN),
+        "learned_0.7": kept_counts(learned_mask),
+    }
 
 
 def test_uniform_counts_are_aligned_even_and_hit_the_ratio():
@@ -150,8 +153,9 @@ def test_rope_selector_keeps_whole_slowest_pairs(model):
 def test_per_prompt_selectors_differ_between_prompts(model, tokenizer, capture):
     other = capture_prompt(model, continuation_example(tokenizer, 96, seed=6).context_ids)
     counts = uniform_counts(SHAPE, 0.7, ALIGN)
-    assert not torch.equal(ThinK().select(model, counts, ALIGN, capture=capture),
-                           ThinK().select(model, counts, ALIGN, capture=other))
+    assert not torch.equal(
+        ThinK().select(model, counts, ALIGN, capture=capture), ThinK().select(model, counts, ALIGN, capture=other)
+    )
 
 
 def test_bad_budgets_and_missing_prompts_give_clear_errors(model):

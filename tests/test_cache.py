@@ -280,7 +280,9 @@ def test_triton_switch_generates_the_torch_tokens(model, tokenizer):
     logits = {}
     for backend in ("torch", "triton"):
         with apply_leank(model, r07_test_mask(), sink=SINK, recent=RECENT, block=BLOCK, backend=backend) as lk:
-            out = lk.generate(ids, 2, min_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            out = lk.generate(
+                ids, 2, min_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
             assert lk.cache.layers[0].middle > 0
         logits[backend] = torch.stack(out.logits)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)

@@ -22,7 +22,9 @@ def test_builders_are_deterministic_and_seeded(tokenizer, length):
     for task in TASKS:
         assert torch.equal(first[task].input_ids, again[task].input_ids), task
         assert first[task].answer == again[task].answer, task
-        assert not torch.equal(first[task].input_ids, other[task].input_ids), f"{task}: seeds 0 and 1 gave the same tokens"
+        assert not torch.equal(first[task].input_ids, other[task].input_ids), (
+            f"{task}: seeds 0 and 1 gave the same tokens"
+        )
 
 
 @pytest.mark.parametrize("length", LENGTHS)

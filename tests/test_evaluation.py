@@ -63,12 +63,15 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
         capture, last = prefill(model, ex.context_ids)
         sim = generate_rows(model, capture, int(last.argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
-            with apply_leank(model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch") as lk:
+            with apply_leank(
+                model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch"
+            ) as lk:
                 out = lk.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # either cache keyword
-            real_ids = out[0, ex.length_context:].tolist()
+            real_ids = out[0, ex.length_context :].tolist()
             assert real_ids == sim_ids[: len(real_ids)]
-            assert tokenizer.decode(real_ids, skip_special_tokens=True).count(ex.answer) == \
-                tokenizer.decode(sim_ids, skip_special_tokens=True).count(ex.answer)
+            assert tokenizer.decode(real_ids, skip_special_tokens=True).count(ex.answer) == tokenizer.decode(
+                sim_ids, skip_special_tokens=True
+            ).count(ex.answer)
 
 
 def test_wilson_and_mean_intervals_known_values():
@@ -82,12 +85,21 @@ def test_wilson_and_mean_intervals_known_values():
 
 def test_headline_takes_the_highest_ratio_within_two_points_of_dense():
     def row(method, ratio, budget, k, n=50):
-        return [{"task": "passkey", "method": method, "ratio": ratio, "budget": budget, "correct": int(i < k)}
-                for i in range(n)]
+        return [
+            {"task": "passkey", "method": method, "ratio": ratio, "budget": budget, "correct": int(i < k)}
+            for i in range(n)
+        ]
 
-    rows = (row("dense", 0.0, "none", 40) + row("leank", 0.5, "leank", 40) + row("leank", 0.7, "leank", 39)
-            + row("rope", 0.5, "leank", 45) + row("rope", 0.7, "leank", 10) + row("rope", 0.7, "uniform", 40)
-            + row("rope", 0.8, "uniform", 39) + row("random", 0.5, "leank", 0))
+    rows = (
+        row("dense", 0.0, "none", 40)
+        + row("leank", 0.5, "leank", 40)
+        + row("leank", 0.7, "leank", 39)
+        + row("rope", 0.5, "leank", 45)
+        + row("rope", 0.7, "leank", 10)
+        + row("rope", 0.7, "uniform", 40)
+        + row("rope", 0.8, "uniform", 39)
+        + row("random", 0.5, "leank", 0)
+    )
     summary = summarize(rows)
     best = headline(summary, "passkey")
     assert best["leank"]["ratio"] == 0.7  # 0.78 >= 0.80 - 0.02
@@ -103,13 +115,42 @@ def test_tiny_grid_runs_from_the_command_line_and_writes_files(model, tmp_path):
     g = torch.Generator().manual_seed(2)
     save_mask(binarize(torch.rand(SHAPE, generator=g), 0.5, ALIGN), learned_mask_path(0.5, masks_dir))
     out = tmp_path / "results"
-    code = main(["evaluate", "--tiny", "--method", "leank", "think", "rope", "random", "--ratio", "0.5", "0.8",
-                 "--masks-dir", str(masks_dir), "--out", str(out), "--name", "tiny", "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            "--tiny",
+            "--method",
+            "leank",
+            "think",
+            "rope",
+            "random",
+            "--ratio",
+            "0.5",
+            "0.8",
+            "--masks-dir",
+            str(masks_dir),
+            "--out",
+            str(out),
+            "--name",
+            "tiny",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "tiny.json").read_text())
-    assert report["configs"] == ["dense", "leank@0.5/leank", "think@0.5/leank", "think@0.5/uniform", "rope@0.5/leank",
-                                 "rope@0.5/uniform", "random@0.5/leank", "random@0.5/uniform", "think@0.8/uniform",
-                                 "rope@0.8/uniform", "random@0.8/uniform"]
+    assert report["configs"] == [
+        "dense",
+        "leank@0.5/leank",
+        "think@0.5/leank",
+        "think@0.5/uniform",
+        "rope@0.5/leank",
+        "rope@0.5/uniform",
+        "random@0.5/leank",
+        "random@0.5/uniform",
+        "think@0.8/uniform",
+        "rope@0.8/uniform",
+        "random@0.8/uniform",
+    ]
     assert report["pending"] == [f"leank r=0.8: no learned mask at {learned_mask_path(0.8, masks_dir)}"]
     assert report["provenance"]["torch"] == torch.__version__
     samples = read_rows(out / "tiny_samples.csv")

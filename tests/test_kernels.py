@@ -18,11 +18,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from leank_ref.attention import simulate_newest_query  # noqa: E402
-from leank_ref.kernels import (  # noqa: E402
+from leank_ref.kernels import (  # noqa: E402  # noqa: E402
     DecodeConfig,
     MiddleGroup,
+    decode_dense,
+    decode_leank,
     dense_decode,
     dense_decode_reference,
     leank_decode,
@@ -30,8 +30,9 @@ from leank_ref.kernels import (  # noqa: E402
     leank_layout_from_dense,
     masked_dense_reference,
 )
-from leank_ref.kernels import decode_dense, decode_leank  # noqa: E402
 from leank_ref.kernels.decode_dense import LOG2E, check_runnable, launch_merge, plan_splits  # noqa: E402
+
+from leank_ref.attention import simulate_newest_query  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32  # exact (ieee) products in tl.dot: errors are rounding only
@@ -53,8 +54,11 @@ def randn(*shape: int, seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
 
 def qkv(B: int, H: int, G: int, N: int, D: int, seed: int = 0, dtype: torch.dtype = DTYPE):
     """q [B, H, D] and a dense cache k, v [B, G, N, D]; keys scaled up so the softmax is not flat."""
-    return randn(B, H, D, seed=seed, dtype=dtype), 2 * randn(B, G, N, D, seed=seed + 1, dtype=dtype), \
-        randn(B, G, N, D, seed=seed + 2, dtype=dtype)  # fmt: skip
+    return (
+        randn(B, H, D, seed=seed, dtype=dtype),
+        2 * randn(B, G, N, D, seed=seed + 1, dtype=dtype),
+        randn(B, G, N, D, seed=seed + 2, dtype=dtype),
+    )
 
 
 def sdpa_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -139,8 +143,18 @@ def test_dense_float16():
 LEANK_CASES = [
     # B, H, G, N, D, kept counts per KV head, sink, recent, config
     pytest.param(1, 8, 4, 150, 64, [0, 16, 48, 64], 16, 40, None, id="counts-0-a-3a-D"),
-    pytest.param(2, 8, 4, 120, 128, [32, 0, 128, 96], 8, 16, DecodeConfig(block_n=16, min_tokens_per_split=16),
-                 id="D128-B2-several-splits"),  # fmt: skip
+    pytest.param(
+        2,
+        8,
+        4,
+        120,
+        128,
+        [32, 0, 128, 96],
+        8,
+        16,
+        DecodeConfig(block_n=16, min_tokens_per_split=16),
+        id="D128-B2-several-splits",
+    ),
     pytest.param(1, 4, 2, 40, 64, [16, 16], 16, 16, None, id="one-group-of-two-middle-below-block"),
     pytest.param(2, 8, 4, 50, 64, [0, 0, 0, 0], 16, 16, None, id="all-heads-zero"),
     pytest.param(1, 8, 4, 30, 64, [0, 16, 32, 64], 16, 16, None, id="no-middle-tokens"),
@@ -187,8 +201,9 @@ def test_single_launch_marks_every_unused_slot():
     s_total = full_splits + max(splits for _, splits, _ in middles)
     o_part = torch.full((B, H, s_total, D), float("nan"), device=DEVICE)
     lse_part = torch.full((B, H, s_total), 1e4, device=DEVICE)
-    decode_leank._launch_fused(q, k_full, v_full, middles, o_part, lse_part, D**-0.5 * LOG2E, full_splits, full_per,
-                               config)  # fmt: skip
+    decode_leank._launch_fused(
+        q, k_full, v_full, middles, o_part, lse_part, D**-0.5 * LOG2E, full_splits, full_per, config
+    )
     assert not (lse_part == 1e4).any()
     out = torch.empty(B, H, D, device=DEVICE)
     launch_merge(o_part, lse_part, out)
@@ -224,8 +239,14 @@ def test_leank_any_channel_and_head_order():
     for grp in groups:
         rows = torch.arange(grp.kv_heads.numel() - 1, -1, -1, device=DEVICE)  # reversed rows
         perm = torch.randperm(grp.channels.shape[1], generator=torch.Generator().manual_seed(0)).to(DEVICE)
-        shuffled.append(MiddleGroup(grp.kv_heads[rows].contiguous(), grp.channels[rows][:, perm].contiguous(),
-                                    grp.k[:, rows][..., perm].contiguous(), grp.v[:, rows].contiguous()))  # fmt: skip
+        shuffled.append(
+            MiddleGroup(
+                grp.kv_heads[rows].contiguous(),
+                grp.channels[rows][:, perm].contiguous(),
+                grp.k[:, rows][..., perm].contiguous(),
+                grp.v[:, rows].contiguous(),
+            )
+        )
     torch.testing.assert_close(leank_decode(q, k_full, v_full, shuffled[::-1]), expected, **TOL)
 
 
@@ -235,7 +256,7 @@ def test_leank_layout_shapes_and_values():
     keep = random_keep(G, D, [0, 16, 48, 16], seed=5)
     k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
     assert k_full.shape == v_full.shape == (B, G, sink + recent, D)
-    torch.testing.assert_close(k_full, torch.cat([k[:, :, :sink], k[:, :, N - recent:]], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(k_full, torch.cat([k[:, :, :sink], k[:, :, N - recent :]], dim=2), rtol=0, atol=0)
     assert [(g.kv_heads.tolist(), g.k.shape[3]) for g in groups] == [([1, 3], 16), ([2], 48)]
     for grp in groups:
         for row, head in enumerate(grp.kv_heads.tolist()):
@@ -266,11 +287,21 @@ def _dense_inputs(**change):
         ({"k": torch.zeros(2, 2, 10, 64), "v": torch.zeros(2, 2, 10, 64)}, ValueError, r"needs \[1, G, N, 64\]"),
         ({"k": torch.zeros(1, 3, 10, 64), "v": torch.zeros(1, 3, 10, 64)}, ValueError, "multiple of KV heads"),
         ({"k": torch.zeros(1, 2, 0, 64), "v": torch.zeros(1, 2, 0, 64)}, ValueError, "cache is empty"),
-        ({"q": torch.zeros(1, 8, 96), "k": torch.zeros(1, 2, 10, 96), "v": torch.zeros(1, 2, 10, 96)},
-         ValueError, "head_dim must be a power of two"),  # fmt: skip
+        (
+            {"q": torch.zeros(1, 8, 96), "k": torch.zeros(1, 2, 10, 96), "v": torch.zeros(1, 2, 10, 96)},
+            ValueError,
+            "head_dim must be a power of two",
+        ),
         ({"v": torch.zeros(1, 2, 10, 64, dtype=torch.float16)}, TypeError, r"cast them with \.to\(q\.dtype\)"),
-        ({"q": torch.zeros(1, 8, 64, dtype=torch.int32), "k": torch.zeros(1, 2, 10, 64, dtype=torch.int32),
-          "v": torch.zeros(1, 2, 10, 64, dtype=torch.int32)}, TypeError, "use torch.bfloat16 or torch.float16"),  # fmt: skip
+        (
+            {
+                "q": torch.zeros(1, 8, 64, dtype=torch.int32),
+                "k": torch.zeros(1, 2, 10, 64, dtype=torch.int32),
+                "v": torch.zeros(1, 2, 10, 64, dtype=torch.int32),
+            },
+            TypeError,
+            "use torch.bfloat16 or torch.float16",
+        ),
         ({"v": torch.zeros(1, 2, 10, 64, device="meta")}, ValueError, r"one device.*\.to\(device\)"),
         ({"k": torch.zeros(1, 2, 64, 10).transpose(2, 3)}, ValueError, r"pass k\.contiguous\(\)"),
     ],
@@ -291,7 +322,9 @@ def test_no_cuda_and_no_interpreter_is_refused(monkeypatch):
     """The decision: CPU tensors need kernels defined by the interpreter; the message says how to get them."""
     cpu = torch.zeros(2)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="no CUDA and TRITON_INTERPRET is not set: .*set TRITON_INTERPRET=1 before") as e:
+    with pytest.raises(
+        RuntimeError, match="no CUDA and TRITON_INTERPRET is not set: .*set TRITON_INTERPRET=1 before"
+    ) as e:
         check_runnable(cpu, interpret=False)
     assert "restart" not in str(e.value)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # set, but after the kernels were defined
@@ -329,10 +362,16 @@ def _group(**change) -> list[MiddleGroup]:
     [
         (lambda: _group(kv_heads=torch.tensor([0], dtype=torch.int32)), TypeError, r"must be int64: use \.long\(\)"),
         (lambda: _group(channels=torch.arange(16)), ValueError, r"channels \[Gc, c\]"),
-        (lambda: _group(channels=torch.arange(8)[None], k=torch.zeros(1, 1, 24, 8)), ValueError,
-         "must be a multiple of 16"),  # fmt: skip
-        (lambda: _group(channels=torch.zeros(1, 0, dtype=torch.long), k=torch.zeros(1, 1, 24, 0)), ValueError,
-         "leave those heads out of groups"),  # fmt: skip
+        (
+            lambda: _group(channels=torch.arange(8)[None], k=torch.zeros(1, 1, 24, 8)),
+            ValueError,
+            "must be a multiple of 16",
+        ),
+        (
+            lambda: _group(channels=torch.zeros(1, 0, dtype=torch.long), k=torch.zeros(1, 1, 24, 0)),
+            ValueError,
+            "leave those heads out of groups",
+        ),
         (lambda: _group(k=torch.zeros(1, 1, 24, 32)), ValueError, r"expected \[1, 1, Nm, 16\]"),
         (lambda: _group(v=torch.zeros(1, 1, 23, 64)), ValueError, r"v has shape .* expected \[1, 1, 24, 64\]"),
         (lambda: _group(k=torch.zeros(1, 1, 16, 24).transpose(2, 3)), ValueError, r"groups\[0\]\.k\.contiguous\(\)"),
@@ -341,11 +380,32 @@ def _group(**change) -> list[MiddleGroup]:
         (lambda: _group() + _group(), ValueError, "repeat a KV head"),
         (lambda: _group(channels=torch.full((1, 16), 64)), ValueError, r"must lie in 0\.\.63"),
         (lambda: _group(channels=torch.zeros(1, 16, dtype=torch.long)), ValueError, "repeat a channel"),
-        (lambda: _group(kv_heads=torch.tensor([0, 1, 0]), channels=torch.arange(16).repeat(3, 1),
-                        k=torch.zeros(1, 3, 24, 16), v=torch.zeros(1, 3, 24, 64)), ValueError, "only G=2"),  # fmt: skip
+        (
+            lambda: _group(
+                kv_heads=torch.tensor([0, 1, 0]),
+                channels=torch.arange(16).repeat(3, 1),
+                k=torch.zeros(1, 3, 24, 16),
+                v=torch.zeros(1, 3, 24, 64),
+            ),
+            ValueError,
+            "only G=2",
+        ),
     ],
-    ids=["int32-heads", "channels-1d", "c-not-aligned", "c-zero", "k-width", "v-length", "k-stride",
-         "heads-stride", "head-range", "head-twice", "channel-range", "channel-twice", "too-many-heads"],  # fmt: skip
+    ids=[
+        "int32-heads",
+        "channels-1d",
+        "c-not-aligned",
+        "c-zero",
+        "k-width",
+        "v-length",
+        "k-stride",
+        "heads-stride",
+        "head-range",
+        "head-twice",
+        "channel-range",
+        "channel-twice",
+        "too-many-heads",
+    ],
 )
 def test_leank_wrapper_errors(groups, error, match):
     q, k_full, v_full, _ = _leank_inputs()
@@ -372,11 +432,17 @@ def test_leank_full_part_errors():
 def test_kernels_compile_for_h100_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-m", "leank_ref.kernels.compile_check"], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "leank_ref.kernels.compile_check"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if "registers/thread" in line}
-    assert set(lines) == {"dense partials", "merge", "LeanK middle, c=32", "LeanK middle, c=96",
-                          "LeanK single launch, 3 groups"}, run.stdout  # fmt: skip
+    assert set(lines) == {
+        "dense partials",
+        "merge",
+        "LeanK middle, c=32",
+        "LeanK middle, c=96",
+        "LeanK single launch, 3 groups",
+    }, run.stdout
     for name in ("dense partials", "merge", "LeanK middle, c=32", "LeanK middle, c=96"):
         assert "spill stack 0 B" in lines[name], lines[name]

@@ -15,21 +15,29 @@ RELEASED = {
 
 # Four heads of 8 channels; 16 "high" factors above every "low" one, so ratio 0.5 puts the threshold between them.
 # Heads hold 2, 6, 1 and 7 highs; head 0's lows are tied (0.1).
-HALVES = torch.tensor([[
-    [0.1, 0.9, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1],
-    [0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.2, 0.3],
-    [0.05, 0.05, 0.95, 0.05, 0.05, 0.05, 0.05, 0.05],
-    [0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.0],
-]])  # [L=1, G=4, D=8]
+HALVES = torch.tensor(
+    [
+        [
+            [0.1, 0.9, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1],
+            [0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.2, 0.3],
+            [0.05, 0.05, 0.95, 0.05, 0.05, 0.05, 0.05, 0.05],
+            [0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.0],
+        ]
+    ]
+)  # [L=1, G=4, D=8]
 
 # A permutation of 0..39 as [1, 5, 8]: the 0.5-quantile is 19.5, the 0.7-quantile 27.3.
-PERM = torch.tensor([[
-    [4, 16, 21, 5, 11, 14, 39, 29],
-    [17, 26, 2, 6, 20, 25, 24, 1],
-    [15, 32, 28, 18, 9, 0, 10, 19],
-    [8, 36, 27, 7, 37, 38, 31, 30],
-    [35, 12, 3, 34, 33, 22, 23, 13],
-]]).float()
+PERM = torch.tensor(
+    [
+        [
+            [4, 16, 21, 5, 11, 14, 39, 29],
+            [17, 26, 2, 6, 20, 25, 24, 1],
+            [15, 32, 28, 18, 9, 0, 10, 19],
+            [8, 36, 27, 7, 37, 38, 31, 30],
+            [35, 12, 3, 34, 33, 22, 23, 13],
+        ]
+    ]
+).float()
 
 
 def test_binarize_rounds_halves_up_and_small_heads_to_zero():
@@ -54,26 +62,34 @@ def test_binarize_all_equal_factors_keeps_everything():
 def test_binarize_ratio_05_align_4():
     mask = binarize(PERM, 0.5, align=4)
     # counts >= 19.5 per head: 3, 4, 2, 6, 5 -> rounded to 4, 4, 4, 8, 4
-    expected = torch.tensor([[
-        [0, 1, 1, 0, 0, 0, 1, 1],
-        [0, 1, 0, 0, 1, 1, 1, 0],
-        [0, 1, 1, 1, 0, 0, 0, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1],
-        [1, 0, 0, 1, 1, 0, 1, 0],
-    ]]).float()
+    expected = torch.tensor(
+        [
+            [
+                [0, 1, 1, 0, 0, 0, 1, 1],
+                [0, 1, 0, 0, 1, 1, 1, 0],
+                [0, 1, 1, 1, 0, 0, 0, 1],
+                [1, 1, 1, 1, 1, 1, 1, 1],
+                [1, 0, 0, 1, 1, 0, 1, 0],
+            ]
+        ]
+    ).float()
     assert torch.equal(mask, expected)
 
 
 def test_binarize_ratio_07_align_2():
     mask = binarize(PERM, 0.7, align=2)
     # counts >= 27.3 per head: 2, 0, 2, 5, 3 -> rounded to 2, 0, 2, 6, 4; realised pruned ratio 26/40, not 0.7
-    expected = torch.tensor([[
-        [0, 0, 0, 0, 0, 0, 1, 1],
-        [0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 1, 1, 1, 1],
-        [1, 0, 0, 1, 1, 0, 1, 0],
-    ]]).float()
+    expected = torch.tensor(
+        [
+            [
+                [0, 0, 0, 0, 0, 0, 1, 1],
+                [0, 0, 0, 0, 0, 0, 0, 0],
+                [0, 1, 1, 0, 0, 0, 0, 0],
+                [0, 1, 1, 0, 1, 1, 1, 1],
+                [1, 0, 0, 1, 1, 0, 1, 0],
+            ]
+        ]
+    ).float()
     assert torch.equal(mask, expected)
     assert mask_stats(mask, context=100, sink=0, recent=0).pruned_ratio == pytest.approx(26 / 40)
 
@@ -129,7 +145,9 @@ def test_values_other_than_zero_one(tmp_path):
 def test_counts_not_multiple_of_align():
     mask = torch.ones(2, 2, 8)
     mask[0, 1, :5] = 0  # keeps 3
-    with pytest.raises(ValueError, match=r"not a multiple of align=4 \(e.g. layer 0 head 1 keeps 3\); binarize with align=4"):
+    with pytest.raises(
+        ValueError, match=r"not a multiple of align=4 \(e.g. layer 0 head 1 keeps 3\); binarize with align=4"
+    ):
         validate_mask(mask, align=4)
 
 

@@ -99,7 +99,9 @@ def test_rope_frequencies_match_the_model(model):
         nonzero = rotated[0, 0, 0].abs() > 1e-6
         assert set(nonzero.nonzero().flatten().tolist()) <= {c, c + 32}
         angle = torch.atan2(rotated[0, 0, 0, c + 32], rotated[0, 0, 0, c])
-        assert torch.isclose(torch.remainder(angle, 2 * torch.pi), torch.remainder(position * f[c], 2 * torch.pi), atol=1e-4)
+        assert torch.isclose(
+            torch.remainder(angle, 2 * torch.pi), torch.remainder(position * f[c], 2 * torch.pi), atol=1e-4
+        )
 
 
 def test_capture_importance_matches_manual_capture(model, tokenizer):

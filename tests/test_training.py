@@ -84,8 +84,10 @@ def test_five_stage1_steps_lower_the_loss_and_the_mean_factor(model, tokenizer):
 
     examples = held_out_examples(tokenizer, config, 2)
     losses = evaluate_scales(model, examples, {"start": start, "end": result.factors}, config)
-    objective = {k: sum(v) / len(v) + config.reg_weight * float(f.mean())
-                 for (k, v), f in zip(losses.items(), (start, result.factors))}
+    objective = {
+        k: sum(v) / len(v) + config.reg_weight * float(f.mean())
+        for (k, v), f in zip(losses.items(), (start, result.factors))
+    }
     assert objective["end"] < objective["start"]
 
 
