@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== executing $$nb"; \
-	  LEANK_FAST=0 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  LEANK_FAST=0 env -u MPLBACKEND $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
 	done
 

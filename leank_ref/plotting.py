@@ -1,4 +1,9 @@
-"""One figure style for every notebook, and the single place figures are written (``figures/``)."""
+"""One figure style for every notebook, and the single place figures are written (``figures/``).
+
+Imported inside a Jupyter kernel, this module switches matplotlib to the inline backend, so every figure shows
+in the notebook's saved outputs even when the environment sets ``MPLBACKEND=Agg`` (CI does, and a kernel
+inherits it): a chapter opened on a code host shows its figures without being re-run.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,30 @@ STYLE = {
     "grid.alpha": 0.3,
     "font.size": 10,
 }
-plt.rcParams.update(STYLE)
+
+
+def in_notebook_kernel() -> bool:
+    """True when running inside a Jupyter kernel (not a terminal IPython, not a plain script or pytest)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def use_inline_backend() -> bool:
+    """Show figures inline when inside a Jupyter kernel, whatever ``MPLBACKEND`` says; True if it switched."""
+    if not in_notebook_kernel():
+        return False
+    from IPython import get_ipython
+
+    get_ipython().run_line_magic("matplotlib", "inline")
+    return True
+
+
+use_inline_backend()
+plt.rcParams.update(STYLE)  # after the backend switch, which may set rcParams of its own
 
 
 def is_fast() -> bool:
