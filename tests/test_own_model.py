@@ -1,0 +1,121 @@
+"""The own-model path end to end on tiny randomly initialised Llama and Qwen2 checkpoints saved to a folder.
+
+Observe (channel importance), train both stages through the command line with a :class:`Recipe` scaled for
+the model, binarize, generate with the pruned cache, measure its memory: the steps of notebook 07.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leank_ref.__main__ import main
+from leank_ref.cache import apply_leank, memory_formula
+from leank_ref.data import passkey_example
+from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats
+from leank_ref.models import default_model_path, load_model, model_facts
+from leank_ref.recipe import Recipe
+from leank_ref.sparsity import capture_importance
+from leank_ref.training import load_factors
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def save_tiny_model(folder, model_type: str) -> None:
+    """Save a randomly initialised 2-layer ``model_type`` model (head_dim 16) and SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if model_type == "llama":
+        config = LlamaConfig(**TINY, **ids, max_position_embeddings=1024, tie_word_embeddings=True)
+        model_class = LlamaForCausalLM
+    else:
+        config = Qwen2Config(**TINY, **ids, max_position_embeddings=1024, tie_word_embeddings=True)
+        model_class = Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    save_tiny_model(folder, request.param)
+    return folder
+
+
+def tiny_recipe(model) -> Recipe:
+    """The smallest recipe the data templates allow (160-256-token contexts), a few steps per stage."""
+    return Recipe.for_model(model, context_max=256, context_min=160, ratio=0.5, stage1_steps=3, stage2_steps=2)
+
+
+def test_recipe_for_smollm2_is_the_shipped_default():
+    """The scaling rule reproduces the defaults the shipped SmolLM2 masks were trained with."""
+    from leank_ref.training import TrainConfig
+
+    config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    recipe = Recipe.for_model(_Config(num_hidden_layers=30, max_position_embeddings=8192, **config))
+    shipped = TrainConfig()
+    assert (recipe.align, recipe.sink, recipe.recent) == (shipped.align, shipped.sink, shipped.recent)
+    assert (recipe.context_min, recipe.context_max, recipe.block) == (shipped.context_min, shipped.context_max, 32)
+
+
+def test_recipe_rejects_settings_that_cannot_work():
+    config = _Config(model_type="llama", num_attention_heads=4, hidden_size=64, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Recipe.for_model(config, context_max=4096)
+    with pytest.raises(ValueError, match="no middle tokens"):
+        Recipe.for_model(config, context_max=64, context_min=12)
+    with pytest.raises(ValueError, match="pass factors="):
+        Recipe.for_model(config).train_argv(2, "model", "out.pth")
+
+
+def test_own_model_end_to_end(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(tiny_model_dir)
+    facts = model_facts(model)
+    assert facts.head_dim == 16 and facts.num_kv_heads == 2
+
+    # Observe: one importance per (layer, KV head, channel).
+    prompt = passkey_example(tokenizer, 200, depth=0.5).context_ids
+    importance = capture_importance(model, prompt)
+    assert importance.shape == facts.mask_shape and bool((importance >= 0).all())
+
+    # Train both stages through the command line.
+    recipe = tiny_recipe(model)
+    factors_path, mask_path = tmp_path / "factors.pth", tmp_path / "mask.pth"
+    assert main(recipe.train_argv(1, tiny_model_dir, factors_path) + ["--no-progress", "--device", "cpu"]) == 0
+    argv = recipe.train_argv(2, tiny_model_dir, mask_path, factors=factors_path) + ["--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    factors = load_factors(factors_path, facts.mask_shape)
+    mask = load_mask(mask_path, facts.mask_shape, recipe.align)
+
+    # Binarize: counts are multiples of align and about `ratio` of the channels are pruned.
+    assert bool((kept_counts(mask) % recipe.align == 0).all())
+    realised = mask_stats(mask, 1024, recipe.sink, recipe.recent).pruned_ratio
+    assert abs(realised - recipe.ratio) <= recipe.align / facts.head_dim
+    assert binarize(factors, recipe.ratio, recipe.align).shape == mask.shape
+
+    # Generate: an all-ones mask through the LeanK cache gives the dense tokens; the pruned mask generates too.
+    new = 6
+    dense = model.generate(prompt[None], max_new_tokens=new, do_sample=False)
+    with apply_leank(model, torch.ones(facts.mask_shape), **recipe.cache_settings()) as lk:
+        assert torch.equal(lk.generate(prompt[None], max_new_tokens=new, do_sample=False), dense)
+    with apply_leank(model, mask, **recipe.cache_settings()) as lk:
+        pruned = lk.generate(prompt[None], max_new_tokens=new, do_sample=False)
+        report = lk.cache.memory_report()
+    assert pruned.shape == dense.shape
+
+    # Memory: the cache holds what the mask's counts predict, and saves K.
+    tokens = prompt.numel() + new - 1  # the last generated token is never cached
+    expected = memory_formula(mask, tokens, recipe.sink, recipe.recent, recipe.block, bytes_per_value=4)
+    assert (report.tokens, report.k, report.v) == (expected.tokens, expected.k, expected.v)
+    assert report.middle_tokens > 0 and report.k_saved > 0.2
+
+
+class _Config:
+    """A stand-in config with only the attributes model_facts reads."""
+
+    def __init__(self, max_position_embeddings: int = 1024, **values):
+        self.max_position_embeddings = max_position_embeddings
+        self.__dict__.update(values)
