@@ -2,8 +2,9 @@
 
 from .decode_dense import DecodeConfig, dense_decode, dense_decode_reference
 from .decode_leank import (
+    HeadGroups,
+    LeanKDecoder,
     MiddleGroup,
-    check_group_indices,
     leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
@@ -12,8 +13,9 @@ from .decode_leank import (
 
 __all__ = [
     "DecodeConfig",
+    "HeadGroups",
+    "LeanKDecoder",
     "MiddleGroup",
-    "check_group_indices",
     "dense_decode",
     "dense_decode_reference",
     "leank_decode",

@@ -32,11 +32,13 @@ _POINTERS = {
     "O_PART": "*fp32",
     "LSE_PART": "*fp32",
     "OUT": "*bf16",
-    "KV_HEADS": "*i64",
-    "CHANNELS": "*i64",
+    "COUNT": "*i32",
+    "META": "*i32",
+    "CHAN": "*i32",
+    "LENGTHS": "*i32",
 }
-for _i in range(decode_leank.MAX_FUSED_GROUPS):
-    _POINTERS.update({f"H{_i}": "*i64", f"CH{_i}": "*i64", f"K{_i}": "*bf16", f"V{_i}": "*bf16"})
+for _i in range(decode_leank.MAX_GROUPS):
+    _POINTERS.update({f"K{_i}": "*bf16", f"V{_i}": "*bf16"})
 
 
 @dataclass
@@ -89,13 +91,20 @@ def compile_kernel(kernel, constexprs: dict, arch: int = 90, num_warps: int = 4,
 def default_variants(config: decode_dense.DecodeConfig = decode_dense.DecodeConfig()) -> dict:
     """Kernel variants of a Llama-3.1-8B decode (H/G = 4, D = 128): name -> (kernel, constexprs)."""
     base = dict(GROUP=4, BLOCK_H=16, BLOCK_N=config.block_n, D=128, DOT_PRECISION="tf32")
-    fused = dict(base, NUM_GROUPS=3, G_PAD=8, BLOCK_S=16, C0=32, CP0=32, C1=64, CP1=64, C2=96, CP2=128, C3=96, CP3=128)
+    counts = [32, 64, 96] + [96] * (decode_leank.MAX_GROUPS - 3)
+    layer = dict(
+        base,
+        NUM_GROUPS=3,
+        GP=4,
+        BLOCK_S=decode_leank._merge_block_s(4),
+        LENGTHS_ON_DEVICE=True,
+        **{f"C{i}": c for i, c in enumerate(counts)},
+        **{f"CP{i}": triton.next_power_of_2(c) for i, c in enumerate(counts)},
+    )
     return {
         "dense partials": (decode_dense._dense_partial_kernel, base),
         "merge": (decode_dense._merge_kernel, dict(BLOCK_S=64, BLOCK_D=32, D=128)),
-        "LeanK middle, c=32": (decode_leank._leank_middle_kernel, dict(base, C=32, C_PAD=32)),
-        "LeanK middle, c=96": (decode_leank._leank_middle_kernel, dict(base, C=96, C_PAD=128)),
-        "LeanK single launch, 3 groups": (decode_leank._leank_fused_kernel, fused),
+        "LeanK layer, 3 groups": (decode_leank._leank_layer_kernel, layer),
     }
 
 

@@ -61,10 +61,6 @@ class DecodeConfig:
     num_stages: int = 3  # software-pipelining depth of the K/V loads (compiled mode only)
     programs_per_sm: int = 4  # automatic split count aims at this many programs per SM
     min_tokens_per_split: int = 256  # automatic splits never get fewer tokens than this
-    # LeanK only: the full part and up to 4 kept-count groups in one launch that also marks unused slots,
-    # instead of a -inf fill, one launch for the full part and one per group (faster on the H100, see
-    # benchmarks/decode_profile.py).
-    leank_single_launch: bool = True
 
 
 # ----------------------------------------------------------------------------------------------

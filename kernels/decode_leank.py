@@ -29,13 +29,12 @@ c + D values per middle token and KV head instead of 2 D: with the authors' Llam
 (31.25 % of K channels kept, 47 of 256 heads without middle V) that is 56 % of the dense bytes,
 an ideal speed-up of 1.77x at long context.
 
-Launches. By default (``DecodeConfig.leank_single_launch``) the full part and up to four groups share one
-launch (a 1-D grid whose program ranges select the part; each part keeps its compile-time width), and the
-programs themselves mark the slots their heads leave unused, so a layer costs two launches, as dense decoding
-does. With ``leank_single_launch=False``, or more than four groups, a layer costs one launch for the full part,
-one per group, a fill of the scratch with -inf and the merge. On the H100, timed as CUDA graphs of a whole
-32-layer step (benchmarks/decode_profile.py), the single launch took 7.03 ms against 7.59 ms at B8 N32K and
-4.56 ms against 4.98 ms at B1 N128K.
+Launches. A layer costs **one launch** per decode step (``_leank_layer_kernel``): a 1-D grid whose first
+programs take the full part and the rest the middle rows of every group (each group keeps its compile-time
+width c). The merge happens inside the same launch: each program counts itself in for its (sequence, KV head)
+with an atomic add, and the last one to arrive merges that head's partials and resets the counter. Everything
+that does not change between steps (head and channel indices, split counts, scratch buffers) is built once by
+:class:`LeanKDecoder`; the lengths can live on the device, so the launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leank_ref.layout import MiddleGroup  # the layout the cache stores; re-exported here
+from leank_ref.layout import HeadGroups, MiddleGroup  # the layout the cache stores; re-exported here
 
 from .decode_dense import (
     LOG2E,
@@ -58,41 +57,35 @@ from .decode_dense import (
     check_last_dim_contiguous,
     check_runnable,
     dot_precision,
-    launch_dense_partials,
-    launch_merge,
     plan_splits,
 )
 
 MIN_KEPT = 16  # tl.dot needs at least 16 channels; the alignment a (16 or 32) guarantees it
+MAX_GROUPS = 8  # distinct kept counts per layer one launch serves (D / 16 for D = 128)
 
 
 @triton.jit
-def _middle_program(
+def _middle_split(
     b,
+    g,
     r,
+    gc,
     split,
     Q,
-    KV_HEADS,
-    CHANNELS,
+    CHAN_ROW,
     K,
     V,
     O_PART,
     LSE_PART,
     qk_scale,
-    n_tokens,
-    tokens_per_split,
+    n_mid,
+    cap_mid,
     H,
     S_TOTAL,
-    slot0,
+    slot,
+    MID_SPLITS,
     stride_qb,
     stride_qh,
-    stride_cr,
-    stride_kb,
-    stride_kr,
-    stride_kn,
-    stride_vb,
-    stride_vr,
-    stride_vn,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -101,28 +94,29 @@ def _middle_program(
     D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Sequence b, row r of a group, one split of the group's middle tokens, written to slot0 + split."""
-    g = tl.load(KV_HEADS + r)  # the KV head this row of the group stores
+    """Sequence b, KV head g (row r of a group of gc heads keeping C channels), one split of the middle tokens."""
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
     heads = g * GROUP + offs_h
     offs_c = tl.arange(0, C_PAD)
     c_mask = offs_c < C  # C_PAD = next power of two >= C
-    chan = tl.load(CHANNELS + r * stride_cr + offs_c, mask=c_mask, other=0)  # [C_PAD] kept channels
+    chan = tl.load(CHAN_ROW + offs_c, mask=c_mask, other=0)  # [C_PAD] kept channels of head g
     # The only new idea: gather the kept channels of each query row, q[:, chan] -> [BLOCK_H, C_PAD].
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + chan[None, :],
         mask=h_mask[:, None] & c_mask[None, :],
         other=0.0,
     )
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, n_tokens)
+    per = tl.cdiv(tl.cdiv(n_mid, MID_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per split
+    start = split * per
+    end = tl.minimum(start + per, n_mid)  # an empty range (short middle) stores lse = -inf: it weighs nothing
+    row = (b * gc + r) * cap_mid  # the group's buffers are [B, Gc, cap_mid, C] and [B, Gc, cap_mid, D]
     m_i, l_i, acc = _attend_tokens(
         q,
-        K + b * stride_kb + r * stride_kr,
-        V + b * stride_vb + r * stride_vr,
-        stride_kn,
-        stride_vn,
+        K + row * C,
+        V + row * D,
+        C,
+        D,
         offs_c,
         c_mask,
         start,
@@ -133,34 +127,32 @@ def _middle_program(
         D,
         DOT_PRECISION,
     )
-    _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot0 + split, S_TOTAL, m_i, l_i, acc, D)
+    _store_partial(O_PART, LSE_PART, b * H + heads, h_mask, slot, S_TOTAL, m_i, l_i, acc, D)
 
 
 @triton.jit
-def _leank_middle_kernel(
+def _group_split(
+    row,
+    b,
+    g,
+    split,
+    lo,
+    hi,
     Q,
-    KV_HEADS,
-    CHANNELS,
+    CHAN,
     K,
     V,
     O_PART,
     LSE_PART,
     qk_scale,
-    n_tokens,
-    tokens_per_split,
-    GC,
+    n_mid,
+    cap_mid,
     H,
     S_TOTAL,
-    slot0,
+    FULL_SPLITS,
+    MID_SPLITS,
     stride_qb,
     stride_qh,
-    stride_cr,
-    stride_kb,
-    stride_kr,
-    stride_kn,
-    stride_vb,
-    stride_vr,
-    stride_vn,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -169,141 +161,29 @@ def _leank_middle_kernel(
     D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one (sequence b, row r of the group, split) over the group's middle tokens."""
-    pid_br = tl.program_id(0).to(tl.int64)
-    _middle_program(
-        pid_br // GC,
-        pid_br % GC,
-        tl.program_id(1),
-        Q,
-        KV_HEADS,
-        CHANNELS,
-        K,
-        V,
-        O_PART,
-        LSE_PART,
-        qk_scale,
-        n_tokens,
-        tokens_per_split,
-        H,
-        S_TOTAL,
-        slot0,
-        stride_qb,
-        stride_qh,
-        stride_cr,
-        stride_kb,
-        stride_kr,
-        stride_kn,
-        stride_vb,
-        stride_vr,
-        stride_vn,
-        GROUP,
-        BLOCK_H,
-        BLOCK_N,
-        C,
-        C_PAD,
-        D,
-        DOT_PRECISION,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# One launch for the whole layer: the full part and up to MAX_FUSED_GROUPS groups
-# ----------------------------------------------------------------------------------------------
-MAX_FUSED_GROUPS = 4  # D / a for D = 128 and a = 32; more groups fall back to one launch per group
-
-
-@triton.jit
-def _fill_unused(LSE_PART, rows, h_mask, first, S_TOTAL, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
-    """lse = -inf in slots [first, S_TOTAL) of the given rows: slots this head leaves unused weigh nothing."""
-    for s0 in range(first, S_TOTAL, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        tl.store(
-            LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :],
-            tl.full([BLOCK_H, BLOCK_S], float("-inf"), tl.float32),
-            mask=h_mask[:, None] & (offs_s < S_TOTAL)[None, :],
-        )
-
-
-@triton.jit
-def _count_in_group(g, KV_HEADS, GC, G_PAD: tl.constexpr):
-    """1 if KV head g is one of the group's GC heads, else 0."""
-    offs = tl.arange(0, G_PAD)
-    heads = tl.load(KV_HEADS + offs, mask=offs < GC, other=-1)
-    return tl.sum((heads == g).to(tl.int32), 0)
-
-
-@triton.jit
-def _group_program(
-    pid,
-    first_pid,
-    end_pid,
-    full_splits,
-    Q,
-    O_PART,
-    LSE_PART,
-    qk_scale,
-    H,
-    S_TOTAL,
-    stride_qb,
-    stride_qh,
-    KV_HEADS,
-    CHANNELS,
-    K,
-    V,
-    GC,
-    NM,
-    PER,
-    SPLITS,
-    stride_cr,
-    stride_kb,
-    stride_kr,
-    stride_kn,
-    stride_vb,
-    stride_vr,
-    stride_vn,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    C: tl.constexpr,
-    C_PAD: tl.constexpr,
-    D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """If pid falls in [first_pid, end_pid): one (sequence, row, split) program of this group, splits fastest."""
-    if (pid >= first_pid) & (pid < end_pid):
-        local = pid - first_pid
-        split = (local % SPLITS).to(tl.int32)  # int32 like program_id(1) in the one-launch-per-part kernels
-        br = local // SPLITS
-        b = br // GC
-        r = br % GC
-        _middle_program(
+    """If middle row ``row`` lies in this group's rows [lo, hi): run its split (C is the group's kept count)."""
+    if (row >= lo) & (row < hi):
+        _middle_split(
             b,
-            r,
+            g,
+            row - lo,
+            hi - lo,
             split,
             Q,
-            KV_HEADS,
-            CHANNELS,
+            CHAN + row * D,
             K,
             V,
             O_PART,
             LSE_PART,
             qk_scale,
-            NM,
-            PER,
+            n_mid,
+            cap_mid,
             H,
             S_TOTAL,
-            full_splits,
+            FULL_SPLITS + split,
+            MID_SPLITS,
             stride_qb,
             stride_qh,
-            stride_cr,
-            stride_kb,
-            stride_kr,
-            stride_kn,
-            stride_vb,
-            stride_vr,
-            stride_vn,
             GROUP,
             BLOCK_H,
             BLOCK_N,
@@ -312,125 +192,151 @@ def _group_program(
             D,
             DOT_PRECISION,
         )
-        if split == 0:  # this head's slots past its own splits
-            offs_h = tl.arange(0, BLOCK_H)
-            g = tl.load(KV_HEADS + r)
-            _fill_unused(
-                LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits + SPLITS, S_TOTAL, BLOCK_H, BLOCK_S
-            )
 
 
 @triton.jit
-def _leank_fused_kernel(
+def _merge_heads(
+    O_PART,
+    LSE_PART,
+    OUT,
+    b,
+    g,
+    H,
+    S_TOTAL,
+    n_slots,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Exact log-sum-exp merge of slots [0, n_slots) for the GROUP query heads of KV head g, into OUT [B, H, D]."""
+    offs_h = tl.arange(0, GP)
+    h_mask = offs_h < GROUP
+    rows = b * H + g * GROUP + offs_h  # [GP] query-head rows of O_PART / LSE_PART / OUT
+    offs_d = tl.arange(0, D)
+    # Pass 1: each head's largest partial lse. The loads bypass L1 (.cg): other programs wrote these slots.
+    m = tl.full([GP], float("-inf"), tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok = h_mask[:, None] & (offs_s < n_slots)[None, :]
+        lse = tl.load(
+            LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg"
+        )
+        m = tl.maximum(m, tl.max(lse, 1))
+    # Pass 2: o = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m); empty splits (lse = -inf) weigh nothing.
+    acc = tl.zeros([GP, D], tl.float32)
+    den = tl.zeros([GP], tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok = h_mask[:, None] & (offs_s < n_slots)[None, :]
+        lse = tl.load(
+            LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg"
+        )
+        used = lse > float("-inf")
+        w = tl.where(used, tl.exp2(lse - m[:, None]), 0.0)  # [GP, BLOCK_S]
+        o = tl.load(
+            O_PART + (rows[:, None, None] * S_TOTAL + offs_s[None, :, None]) * D + offs_d[None, None, :],
+            mask=used[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [GP, BLOCK_S, D]
+        acc += tl.sum(w[:, :, None] * o, 1)
+        den += tl.sum(w, 1)
+    tl.store(
+        OUT + rows[:, None] * D + offs_d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty), mask=h_mask[:, None]
+    )
+
+
+@triton.jit(do_not_specialize=["n_full", "n_mid"])
+def _leank_layer_kernel(
     Q,
     KF,
     VF,
+    K0,
+    V0,
+    K1,
+    V1,
+    K2,
+    V2,
+    K3,
+    V3,
+    K4,
+    V4,
+    K5,
+    V5,
+    K6,
+    V6,
+    K7,
+    V7,
     O_PART,
     LSE_PART,
-    qk_scale,
-    H,
-    G,
-    S_TOTAL,
+    OUT,
+    COUNT,
+    META,
+    CHAN,
+    LENGTHS,
     n_full,
-    full_per_split,
-    full_splits,
-    end_full,
+    n_mid,
+    qk_scale,
     stride_qb,
     stride_qh,
     stride_kfb,
     stride_kfg,
     stride_kfn,
-    stride_vfb,
-    stride_vfg,
-    stride_vfn,
-    H0,
-    CH0,
-    K0,
-    V0,
-    GC0,
-    NM0,
-    PER0,
-    SPLITS0,
-    END0,
-    scr0,
-    skb0,
-    skr0,
-    skn0,
-    svb0,
-    svr0,
-    svn0,
-    H1,
-    CH1,
-    K1,
-    V1,
-    GC1,
-    NM1,
-    PER1,
-    SPLITS1,
-    END1,
-    scr1,
-    skb1,
-    skr1,
-    skn1,
-    svb1,
-    svr1,
-    svn1,
-    H2,
-    CH2,
-    K2,
-    V2,
-    GC2,
-    NM2,
-    PER2,
-    SPLITS2,
-    END2,
-    scr2,
-    skb2,
-    skr2,
-    skn2,
-    svb2,
-    svr2,
-    svn2,
-    H3,
-    CH3,
-    K3,
-    V3,
-    GC3,
-    NM3,
-    PER3,
-    SPLITS3,
-    END3,
-    scr3,
-    skb3,
-    skr3,
-    skn3,
-    svb3,
-    svr3,
-    svn3,
+    cap_mid,
+    G,
+    H,
+    S_TOTAL,
+    FULL_SPLITS,
+    MID_SPLITS,
+    GM,
+    END_FULL,
     NUM_GROUPS: tl.constexpr,
     C0: tl.constexpr,
-    CP0: tl.constexpr,
     C1: tl.constexpr,
-    CP1: tl.constexpr,
     C2: tl.constexpr,
-    CP2: tl.constexpr,
     C3: tl.constexpr,
+    C4: tl.constexpr,
+    C5: tl.constexpr,
+    C6: tl.constexpr,
+    C7: tl.constexpr,
+    CP0: tl.constexpr,
+    CP1: tl.constexpr,
+    CP2: tl.constexpr,
     CP3: tl.constexpr,
-    G_PAD: tl.constexpr,
+    CP4: tl.constexpr,
+    CP5: tl.constexpr,
+    CP6: tl.constexpr,
+    CP7: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    LENGTHS_ON_DEVICE: tl.constexpr,
 ):
-    """One program of a 1-D grid: programs [0, end_full) do the full part, then each group's range in turn."""
-    pid = tl.program_id(0).to(tl.int64)
-    if pid < end_full:
-        split = (pid % full_splits).to(tl.int32)
-        bg = pid // full_splits
+    """The whole decode attention of one layer in one launch.
+
+    Programs [0, END_FULL) each take one (sequence, KV head, split) of the full window; the rest one (sequence,
+    middle row, split) of the middle store, the middle row selecting the group (and so the compile-time width C).
+    Every program writes its partial output and lse, then counts itself in for its (sequence, KV head); the
+    program that arrives last merges that head's slots into OUT and resets the counter for the next step.
+    META (int32): [0, 9) the groups' first middle rows (row offsets, NUM_GROUPS + 1 used), [16, 16 + G) each KV
+    head's middle row (-1: no middle), [16 + G, 16 + G + GM) each middle row's KV head. CHAN [GM, D] (int32):
+    each middle row's kept channels.
+    """
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at long contexts
+    if LENGTHS_ON_DEVICE:  # CUDA-graph replay: the cache advances the lengths on the device
+        n_full = tl.load(LENGTHS)
+        n_mid = tl.load(LENGTHS + 1)
+    if pid < END_FULL:
+        split = (pid % FULL_SPLITS).to(tl.int32)
+        bg = pid // FULL_SPLITS
         b = bg // G
         g = bg % G
+        per = tl.cdiv(tl.cdiv(n_full, FULL_SPLITS), BLOCK_N) * BLOCK_N
         _dense_program(
             b,
             g,
@@ -442,7 +348,7 @@ def _leank_fused_kernel(
             LSE_PART,
             qk_scale,
             n_full,
-            full_per_split,
+            per,
             H,
             S_TOTAL,
             0,
@@ -451,183 +357,498 @@ def _leank_fused_kernel(
             stride_kfb,
             stride_kfg,
             stride_kfn,
-            stride_vfb,
-            stride_vfg,
-            stride_vfn,
+            stride_kfb,
+            stride_kfg,
+            stride_kfn,
             GROUP,
             BLOCK_H,
             BLOCK_N,
             D,
             DOT_PRECISION,
         )
-        if split == 0:  # a head in no group (kept count 0) uses no middle slot
-            member = _count_in_group(g, H0, GC0, G_PAD)
-            if NUM_GROUPS >= 2:
-                member += _count_in_group(g, H1, GC1, G_PAD)
-            if NUM_GROUPS >= 3:
-                member += _count_in_group(g, H2, GC2, G_PAD)
-            if NUM_GROUPS >= 4:
-                member += _count_in_group(g, H3, GC3, G_PAD)
-            if member == 0:
-                offs_h = tl.arange(0, BLOCK_H)
-                _fill_unused(
-                    LSE_PART, b * H + g * GROUP + offs_h, offs_h < GROUP, full_splits, S_TOTAL, BLOCK_H, BLOCK_S
+        has_middle = tl.load(META + 16 + g) >= 0
+        n_slots = tl.where(has_middle, FULL_SPLITS + MID_SPLITS, FULL_SPLITS)
+    else:
+        local = pid - END_FULL
+        split = (local % MID_SPLITS).to(tl.int32)
+        rest = local // MID_SPLITS
+        b = rest // GM
+        row = rest % GM
+        g = tl.load(META + 16 + G + row).to(tl.int64)
+        lo = tl.load(META + 0)
+        hi = tl.load(META + 1)
+        _group_split(
+            row,
+            b,
+            g,
+            split,
+            lo,
+            hi,
+            Q,
+            CHAN,
+            K0,
+            V0,
+            O_PART,
+            LSE_PART,
+            qk_scale,
+            n_mid,
+            cap_mid,
+            H,
+            S_TOTAL,
+            FULL_SPLITS,
+            MID_SPLITS,
+            stride_qb,
+            stride_qh,
+            GROUP,
+            BLOCK_H,
+            BLOCK_N,
+            C0,
+            CP0,
+            D,
+            DOT_PRECISION,
+        )
+        if NUM_GROUPS > 1:
+            lo = hi
+            hi = tl.load(META + 2)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K1,
+                V1,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C1,
+                CP1,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 2:
+            lo = hi
+            hi = tl.load(META + 3)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K2,
+                V2,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C2,
+                CP2,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 3:
+            lo = hi
+            hi = tl.load(META + 4)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K3,
+                V3,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C3,
+                CP3,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 4:
+            lo = hi
+            hi = tl.load(META + 5)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K4,
+                V4,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C4,
+                CP4,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 5:
+            lo = hi
+            hi = tl.load(META + 6)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K5,
+                V5,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C5,
+                CP5,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 6:
+            lo = hi
+            hi = tl.load(META + 7)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K6,
+                V6,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C6,
+                CP6,
+                D,
+                DOT_PRECISION,
+            )
+        if NUM_GROUPS > 7:
+            lo = hi
+            hi = tl.load(META + 8)
+            _group_split(
+                row,
+                b,
+                g,
+                split,
+                lo,
+                hi,
+                Q,
+                CHAN,
+                K7,
+                V7,
+                O_PART,
+                LSE_PART,
+                qk_scale,
+                n_mid,
+                cap_mid,
+                H,
+                S_TOTAL,
+                FULL_SPLITS,
+                MID_SPLITS,
+                stride_qb,
+                stride_qh,
+                GROUP,
+                BLOCK_H,
+                BLOCK_N,
+                C7,
+                CP7,
+                D,
+                DOT_PRECISION,
+            )
+        n_slots = FULL_SPLITS + MID_SPLITS
+    # Count this split in; the last of the head's n_slots programs merges (acq_rel: it sees every partial).
+    tl.debug_barrier()  # every thread of this program has issued its partial stores
+    counter = COUNT + b * G + g
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    if arrived == n_slots - 1:
+        _merge_heads(O_PART, LSE_PART, OUT, b, g, H, S_TOTAL, n_slots, GROUP, GP, BLOCK_S, D)
+        tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next step (or CUDA-graph replay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: everything that does not change between decode steps is built once
+# ----------------------------------------------------------------------------------------------
+def _merge_block_s(gp: int) -> int:
+    """Slots the in-kernel merge reads at a time: [GP, BLOCK_S, D] float32 tiles of 4K values (no spills)."""
+    return max(2, 32 // gp)
+
+
+class LeanKDecoder:
+    """One layer's LeanK decode attention: one kernel launch per step, nothing rebuilt or synchronised per step.
+
+    Built once per cache layer from its :class:`~leank_ref.layout.HeadGroups` (validated on the host, so no
+    kernel ever reads out of bounds): it moves the head and channel indices to the device, plans the splits for
+    the capacities ``max_full`` / ``max_middle`` (tokens per split follow the actual lengths inside the kernel,
+    so any length is correct, only the balance is planned), and allocates the partial-result scratch, the merge
+    counters and the output buffer. A call then binds the current tensors and launches once:
+
+        out = decoder(q, k_full, v_full, mid_k, mid_v, lengths)   # [B, H, D], the same buffer every step
+
+    ``k_full, v_full [B, G, >= n_full, D]`` (views or whole buffers; unit stride in D); ``mid_k[i] [B, Gc, cap, c]``
+    and ``mid_v[i] [B, Gc, cap, D]`` per group, in the groups' order, with one capacity ``cap`` for all groups
+    (views of the first tokens of such buffers are fine). ``lengths``: Python ints ``(n_full, n_mid)`` (eager), or
+    an int32 device tensor ``[2]`` that the cache advances itself (what a CUDA graph replays). The kernel attends
+    to the first ``n_full`` full-window slots, in any order, and the first ``n_mid`` middle tokens of each group.
+    The output buffer is overwritten by the next call: consume it (or copy it) before then.
+    """
+
+    def __init__(
+        self,
+        heads: HeadGroups,
+        batch: int,
+        num_heads: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_full: int,
+        max_middle: int,
+        scale: float | None = None,
+        config: DecodeConfig = DecodeConfig(),
+    ):
+        heads.validate()  # host-side, once: indices in range, nothing repeated
+        G, D = heads.num_kv_heads, heads.head_dim
+        check_head_dim(D)
+        if num_heads % G != 0:
+            raise ValueError(f"query heads H={num_heads} must be a multiple of KV heads G={G} (GQA)")
+        counts = heads.counts
+        if len(counts) > MAX_GROUPS:
+            raise ValueError(
+                f"{len(counts)} distinct kept counts in one layer, but one launch serves at most {MAX_GROUPS}: "
+                f"binarize with an alignment a >= {D // MAX_GROUPS}"
+            )
+        for c in counts:
+            if c % MIN_KEPT != 0 or c > D:
+                raise ValueError(f"a group keeps c={c} channels: c must be a multiple of {MIN_KEPT} and at most D={D}")
+        device = torch.device(device)
+        self.heads, self.batch, self.num_heads, self.dtype, self.device = heads, batch, num_heads, dtype, device
+        self.max_full, self.max_middle = max_full, max_middle
+        self.config = config
+        self.qk_scale = (D**-0.5 if scale is None else scale) * LOG2E
+        gm = heads.middle_heads
+        self.full_splits, _ = plan_splits(max(max_full, 1), batch * G, device, config)
+        self.mid_splits = plan_splits(max(max_middle, 1), batch * gm, device, config)[0] if gm else 1
+        s_total = self.full_splits + (self.mid_splits if gm else 0)
+        # Metadata (int32, on the device): group row offsets, each KV head's middle row, each row's KV head.
+        meta = torch.full((16 + G + max(gm, 1),), -1, dtype=torch.int32)
+        offsets = [0]
+        for h in heads.kv_heads:
+            offsets.append(offsets[-1] + h.numel())
+        meta[: len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+        chan = torch.zeros(max(gm, 1), D, dtype=torch.int32)
+        row = 0
+        for h, ch in zip(heads.kv_heads, heads.channels):
+            for i, g in enumerate(h.tolist()):
+                meta[16 + g] = row
+                meta[16 + G + row] = g
+                chan[row, : ch.shape[1]] = ch[i].to(torch.int32)
+                row += 1
+        self.meta, self.chan = meta.to(device), chan.to(device)
+        self.o_part = torch.empty(batch, num_heads, s_total, D, device=device, dtype=torch.float32)
+        self.lse_part = torch.empty(batch, num_heads, s_total, device=device, dtype=torch.float32)
+        self.count = torch.zeros(batch * G, device=device, dtype=torch.int32)  # the kernel leaves it at 0
+        self.out = torch.empty(batch, num_heads, D, device=device, dtype=dtype)
+        self.grid = (batch * G * self.full_splits + (batch * gm * self.mid_splits),)
+        group = num_heads // G
+        gp = triton.next_power_of_2(group)
+        pad = counts + [counts[-1] if counts else MIN_KEPT] * (MAX_GROUPS - len(counts))
+        self.constexprs = dict(
+            NUM_GROUPS=len(counts),
+            **{f"C{i}": c for i, c in enumerate(pad)},
+            **{f"CP{i}": triton.next_power_of_2(c) for i, c in enumerate(pad)},
+            GROUP=group,
+            BLOCK_H=block_h(group),
+            GP=gp,
+            BLOCK_N=config.block_n,
+            BLOCK_S=_merge_block_s(gp),
+            D=D,
+            DOT_PRECISION=dot_precision(dtype),
+        )
+        self._fixed = (
+            self.o_part,
+            self.lse_part,
+            self.out,
+            self.count,
+            self.meta,
+            self.chan,
+        )
+        self._tail = (
+            G,
+            num_heads,
+            s_total,
+            self.full_splits,
+            self.mid_splits,
+            max(gm, 1),
+            batch * G * self.full_splits,
+        )
+        self._bound: tuple | None = None  # data pointers of the buffers last checked
+
+    def _check_buffers(self, k_full, v_full, mid_k, mid_v) -> int:
+        """Validate the cache's buffers (once per set of buffers, not per step); return the middle capacity."""
+        B, G, D = self.batch, self.heads.num_kv_heads, self.heads.head_dim
+        if k_full.dim() != 4 or k_full.shape[0] != B or k_full.shape[1] != G or k_full.shape[3] != D:
+            raise ValueError(f"k_full has shape {list(k_full.shape)}, expected [{B}, {G}, Nf, {D}]")
+        if v_full.shape != k_full.shape or v_full.stride() != k_full.stride():
+            raise ValueError("v_full must have k_full's shape and strides (one buffer layout for K and V)")
+        check_last_dim_contiguous(k_full=k_full, v_full=v_full)
+        if len(mid_k) != len(self.heads.counts) or len(mid_v) != len(mid_k):
+            raise ValueError(f"expected {len(self.heads.counts)} middle K and V tensors (one per group)")
+        check_dtypes(k_full=k_full, v_full=v_full, **{f"mid_k[{i}]": t for i, t in enumerate(mid_k)})
+        if k_full.dtype != self.dtype or any(t.dtype != self.dtype for t in mid_v):
+            raise TypeError(f"the cache must hold {self.dtype} (the decoder was built for it): cast with .to()")
+        cap = None
+        for i, (k, v, h, c) in enumerate(zip(mid_k, mid_v, self.heads.kv_heads, self.heads.counts)):
+            gc = h.numel()
+            if k.dim() != 4 or k.shape[:2] != (B, gc) or k.shape[3] != c or v.shape != (B, gc, k.shape[2], D):
+                raise ValueError(
+                    f"group {i}: middle K {list(k.shape)} / V {list(v.shape)}, expected [{B}, {gc}, Nm, {c}] / "
+                    f"[{B}, {gc}, Nm, {D}]"
                 )
-    _group_program(
-        pid,
-        end_full,
-        END0,
-        full_splits,
-        Q,
-        O_PART,
-        LSE_PART,
-        qk_scale,
-        H,
-        S_TOTAL,
-        stride_qb,
-        stride_qh,
-        H0,
-        CH0,
-        K0,
-        V0,
-        GC0,
-        NM0,
-        PER0,
-        SPLITS0,
-        scr0,
-        skb0,
-        skr0,
-        skn0,
-        svb0,
-        svr0,
-        svn0,
-        GROUP,
-        BLOCK_H,
-        BLOCK_N,
-        C0,
-        CP0,
-        D,
-        DOT_PRECISION,
-        BLOCK_S,
-    )
-    if NUM_GROUPS >= 2:
-        _group_program(
-            pid,
-            END0,
-            END1,
-            full_splits,
-            Q,
-            O_PART,
-            LSE_PART,
-            qk_scale,
-            H,
-            S_TOTAL,
-            stride_qb,
-            stride_qh,
-            H1,
-            CH1,
-            K1,
-            V1,
-            GC1,
-            NM1,
-            PER1,
-            SPLITS1,
-            scr1,
-            skb1,
-            skr1,
-            skn1,
-            svb1,
-            svr1,
-            svn1,
-            GROUP,
-            BLOCK_H,
-            BLOCK_N,
-            C1,
-            CP1,
-            D,
-            DOT_PRECISION,
-            BLOCK_S,
+            cap_i = k.stride(1) // c
+            want_k = (gc * cap_i * c, cap_i * c, c, 1)
+            want_v = (gc * cap_i * D, cap_i * D, D, 1)
+            if k.stride() != want_k or v.stride() != want_v or (cap is not None and cap_i != cap):
+                raise ValueError(
+                    f"group {i}: the middle buffers must be contiguous [B, Gc, cap, c] / [B, Gc, cap, D] with one "
+                    "capacity cap for every group (views of their first tokens are fine): pass .contiguous() copies"
+                )
+            cap = cap_i
+        check_runnable(k_full, v_full, *mid_k, *mid_v, self.meta)
+        return cap or 1
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_full: torch.Tensor,
+        v_full: torch.Tensor,
+        mid_k: list[torch.Tensor],
+        mid_v: list[torch.Tensor],
+        lengths: torch.Tensor | tuple[int, int],
+    ) -> torch.Tensor:
+        """Decode attention of one layer, one launch: q [B, H, D] -> out [B, H, D] (the decoder's buffer)."""
+        key = (k_full.data_ptr(), k_full.stride(), *(t.data_ptr() for t in mid_v))
+        if key != self._bound:
+            self._cap = self._check_buffers(k_full, v_full, mid_k, mid_v)
+            self._bound = key
+        if q.shape != self.out.shape or q.stride(-1) != 1 or q.dtype != self.dtype:
+            raise ValueError(
+                f"q must be {self.dtype} [B, H, D] = {list(self.out.shape)} with unit stride in D, got "
+                f"{q.dtype} {list(q.shape)}"
+            )
+        on_device = isinstance(lengths, torch.Tensor)
+        n_full, n_mid = (0, 0) if on_device else lengths
+        mids = []
+        for i in range(MAX_GROUPS):
+            j = min(i, len(mid_k) - 1)
+            mids += [mid_k[j], mid_v[j]] if mid_k else [k_full, v_full]
+        _leank_layer_kernel[self.grid](
+            q,
+            k_full,
+            v_full,
+            *mids,
+            *self._fixed,
+            lengths if on_device else self.meta,
+            n_full,
+            n_mid,
+            self.qk_scale,
+            q.stride(0),
+            q.stride(1),
+            k_full.stride(0),
+            k_full.stride(1),
+            k_full.stride(2),
+            self._cap,
+            *self._tail,
+            **self.constexprs,
+            LENGTHS_ON_DEVICE=on_device,
+            num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages,
         )
-    if NUM_GROUPS >= 3:
-        _group_program(
-            pid,
-            END1,
-            END2,
-            full_splits,
-            Q,
-            O_PART,
-            LSE_PART,
-            qk_scale,
-            H,
-            S_TOTAL,
-            stride_qb,
-            stride_qh,
-            H2,
-            CH2,
-            K2,
-            V2,
-            GC2,
-            NM2,
-            PER2,
-            SPLITS2,
-            scr2,
-            skb2,
-            skr2,
-            skn2,
-            svb2,
-            svr2,
-            svn2,
-            GROUP,
-            BLOCK_H,
-            BLOCK_N,
-            C2,
-            CP2,
-            D,
-            DOT_PRECISION,
-            BLOCK_S,
-        )
-    if NUM_GROUPS >= 4:
-        _group_program(
-            pid,
-            END2,
-            END3,
-            full_splits,
-            Q,
-            O_PART,
-            LSE_PART,
-            qk_scale,
-            H,
-            S_TOTAL,
-            stride_qb,
-            stride_qh,
-            H3,
-            CH3,
-            K3,
-            V3,
-            GC3,
-            NM3,
-            PER3,
-            SPLITS3,
-            scr3,
-            skb3,
-            skr3,
-            skn3,
-            svb3,
-            svr3,
-            svn3,
-            GROUP,
-            BLOCK_H,
-            BLOCK_N,
-            C3,
-            CP3,
-            D,
-            DOT_PRECISION,
-            BLOCK_S,
-        )
+        return self.out
 
 
 def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup]) -> None:
-    """Shape, dtype, device and stride checks that need no GPU synchronisation."""
+    """Shape, dtype, device and stride checks of :func:`leank_decode`'s arguments."""
     if q.dim() != 3 or k_full.dim() != 4:
         raise ValueError(
             f"expected q [B, H, D] and k_full, v_full [B, G, Nf, D], "
@@ -690,22 +911,25 @@ def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, g
     check_last_dim_contiguous(q=q, k_full=k_full, v_full=v_full)
 
 
-def check_group_indices(groups: list[MiddleGroup], num_kv_heads: int, head_dim: int) -> None:
-    """Raise unless head and channel indices are in range and no head or channel repeats (syncs the GPU)."""
-    seen: set[int] = set()
-    for i, grp in enumerate(groups):
-        heads = grp.kv_heads.tolist()
-        bad = [h for h in heads if not 0 <= h < num_kv_heads]
-        if bad:
-            raise ValueError(f"groups[{i}].kv_heads {bad} are outside 0..{num_kv_heads - 1}")
-        if seen.intersection(heads) or len(set(heads)) != len(heads):
-            raise ValueError(f"groups[{i}].kv_heads {heads} repeat a KV head: each head belongs to one group")
-        seen.update(heads)
-        ch = grp.channels
-        if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= head_dim):
-            raise ValueError(f"groups[{i}].channels must lie in 0..{head_dim - 1}")
-        if ch.numel() and (ch.sort(dim=1).values.diff(dim=1) == 0).any():
-            raise ValueError(f"groups[{i}].channels repeat a channel within a head")
+def _standard_layout(groups: list[MiddleGroup]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The groups' middle K and V with one capacity and contiguous rows (copies only where they are not)."""
+    nm = groups[0].k.shape[2] if groups else 0
+    ks, vs = [], []
+    caps = set()
+    for grp in groups:
+        k, v = grp.k, grp.v
+        c, D, gc = k.shape[3], v.shape[3], k.shape[1]
+        cap = k.stride(1) // c if c else 0
+        if k.stride() != (gc * cap * c, cap * c, c, 1) or v.stride() != (gc * cap * D, cap * D, D, 1):
+            k, v, cap = k.contiguous(), v.contiguous(), k.shape[2]
+        ks.append(k)
+        vs.append(v)
+        caps.add(cap)
+    if any(k.shape[2] != nm for k in ks):
+        raise ValueError("every group must hold the same number of middle tokens Nm")
+    if len(caps) > 1:
+        ks, vs = [k.contiguous() for k in ks], [v.contiguous() for v in vs]
+    return ks, vs
 
 
 def leank_decode(
@@ -715,146 +939,23 @@ def leank_decode(
     groups: list[MiddleGroup],
     scale: float | None = None,
     *,
-    check_indices: bool | None = None,
     config: DecodeConfig = DecodeConfig(),
 ) -> torch.Tensor:
     """Decode attention over a LeanK cache (full part + per-group pruned middle), exact LSE merge: [B, H, D].
 
-    check_indices (default: only off CUDA, since it synchronises the GPU) validates the index tensors.
+    A one-call convenience: it validates everything (the index check reads the indices back to the host, a
+    synchronisation on CUDA) and builds a :class:`LeanKDecoder` for this call. A decode loop builds the decoder
+    once per layer instead (``leank_ref.decode`` does), so its steps are one launch each and never synchronise.
     """
     _check_inputs(q, k_full, v_full, groups)
     B, H, D = q.shape
-    G, Nf = k_full.shape[1], k_full.shape[2]
-    if check_indices or (check_indices is None and q.device.type != "cuda"):
-        check_group_indices(groups, G, D)
-    qk_scale = (D**-0.5 if scale is None else scale) * LOG2E
-
-    full_splits, full_per_split = plan_splits(Nf, B * G, q.device, config)
-    middles = [
-        (grp, *plan_splits(grp.k.shape[2], B * grp.k.shape[1], q.device, config))
-        for grp in groups
-        if grp.k.shape[1] > 0 and grp.k.shape[2] > 0
-    ]  # (group, splits, tokens_per_split) for every group with middle tokens
-    s_total = full_splits + max((splits for _, splits, _ in middles), default=0)
-    o_part = torch.empty(B, H, s_total, D, device=q.device, dtype=torch.float32)
-    if config.leank_single_launch and 0 < len(middles) <= MAX_FUSED_GROUPS:
-        lse_part = torch.empty(B, H, s_total, device=q.device, dtype=torch.float32)  # the kernel marks unused slots
-        _launch_fused(q, k_full, v_full, middles, o_part, lse_part, qk_scale, full_splits, full_per_split, config)
-        out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-        launch_merge(o_part, lse_part, out)
-        return out
-    if middles:  # slots a head leaves unused (the middle of a zero-count head) must weigh nothing
-        lse_part = torch.full((B, H, s_total), float("-inf"), device=q.device, dtype=torch.float32)
-    else:  # only the full part: the dense kernel writes every slot
-        lse_part = torch.empty(B, H, s_total, device=q.device, dtype=torch.float32)
-
-    launch_dense_partials(q, k_full, v_full, o_part, lse_part, qk_scale, full_splits, full_per_split, 0, config)
-    for grp, splits, per_split in middles:
-        Gc, Nm, c = grp.k.shape[1], grp.k.shape[2], grp.k.shape[3]
-        _leank_middle_kernel[(B * Gc, splits)](
-            q,
-            grp.kv_heads,
-            grp.channels,
-            grp.k,
-            grp.v,
-            o_part,
-            lse_part,
-            qk_scale,
-            Nm,
-            per_split,
-            Gc,
-            H,
-            s_total,
-            full_splits,
-            q.stride(0),
-            q.stride(1),
-            grp.channels.stride(0),
-            grp.k.stride(0),
-            grp.k.stride(1),
-            grp.k.stride(2),
-            grp.v.stride(0),
-            grp.v.stride(1),
-            grp.v.stride(2),
-            GROUP=H // G,
-            BLOCK_H=block_h(H // G),
-            BLOCK_N=config.block_n,
-            C=c,
-            C_PAD=triton.next_power_of_2(c),
-            D=D,
-            DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    launch_merge(o_part, lse_part, out)
-    return out
-
-
-def _launch_fused(q, k_full, v_full, middles, o_part, lse_part, qk_scale, full_splits, full_per_split, config) -> None:
-    """One launch: B*G*full_splits full-part programs, then each group's B*Gc*splits programs (1-4 groups)."""
-    B, H, D = q.shape
-    G, Nf = k_full.shape[1], k_full.shape[2]
-    end = B * G * full_splits
-    group_args, constexprs = [], {}
-    for i in range(MAX_FUSED_GROUPS):
-        grp, splits, per_split = middles[min(i, len(middles) - 1)]  # absent groups repeat the last (never run)
-        Gc, Nm, c = grp.k.shape[1], grp.k.shape[2], grp.k.shape[3]
-        if i < len(middles):
-            end += B * Gc * splits
-        group_args += [
-            grp.kv_heads,
-            grp.channels,
-            grp.k,
-            grp.v,
-            Gc,
-            Nm,
-            per_split,
-            splits,
-            end,
-            grp.channels.stride(0),
-            grp.k.stride(0),
-            grp.k.stride(1),
-            grp.k.stride(2),
-            grp.v.stride(0),
-            grp.v.stride(1),
-            grp.v.stride(2),
-        ]
-        constexprs[f"C{i}"], constexprs[f"CP{i}"] = c, triton.next_power_of_2(c)
-    _leank_fused_kernel[(end,)](
-        q,
-        k_full,
-        v_full,
-        o_part,
-        lse_part,
-        qk_scale,
-        H,
-        G,
-        o_part.shape[2],
-        Nf,
-        full_per_split,
-        full_splits,
-        B * G * full_splits,
-        q.stride(0),
-        q.stride(1),
-        k_full.stride(0),
-        k_full.stride(1),
-        k_full.stride(2),
-        v_full.stride(0),
-        v_full.stride(1),
-        v_full.stride(2),
-        *group_args,
-        NUM_GROUPS=len(middles),
-        **constexprs,
-        G_PAD=triton.next_power_of_2(G),
-        GROUP=H // G,
-        BLOCK_H=block_h(H // G),
-        BLOCK_N=config.block_n,
-        D=D,
-        DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_S=16,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    G = k_full.shape[1]
+    groups = [g for g in groups if g.kv_heads.numel() > 0]
+    heads = HeadGroups.from_indices([g.kv_heads for g in groups], [g.channels for g in groups], G, D)
+    nm = groups[0].k.shape[2] if groups else 0
+    mid_k, mid_v = _standard_layout(groups)
+    decoder = LeanKDecoder(heads, B, H, q.dtype, q.device, k_full.shape[2], nm, scale, config)
+    return decoder(q, k_full, v_full, mid_k, mid_v, (k_full.shape[2], nm))
 
 
 def leank_layout_from_dense(
@@ -912,7 +1013,14 @@ def leank_decode_reference(
     return o.reshape(B, H, D).to(q.dtype)
 
 
-__all__ = ["MiddleGroup", "check_group_indices", "leank_decode", "leank_decode_reference", "leank_layout_from_dense"]
+__all__ = [
+    "HeadGroups",
+    "LeanKDecoder",
+    "MiddleGroup",
+    "leank_decode",
+    "leank_decode_reference",
+    "leank_layout_from_dense",
+]
 
 
 def masked_dense_reference(

@@ -1,6 +1,6 @@
 """Decode attention over the LeanK cache: a full window and the middle head groups, under one softmax.
 
-At a decode step one query token per sequence meets two kinds of stored keys (SPEC section 5):
+At a decode step one query token per sequence meets two kinds of stored keys:
 
 * the **full window** (sink + recent tokens), every channel: ``k_full, v_full [B, G, Nf, D]``;
 * the **middle store**, one :class:`MiddleGroup` per kept count ``c > 0``: the heads that keep ``c``
@@ -18,17 +18,19 @@ with their log-sum-exp (split-KV flash decoding); both compute the same attentio
 :class:`LeanKAttention` is the hook ``apply_leank`` installs with :func:`leank_ref.attention.use_hook`:
 at prefill it runs ordinary attention (as the authors do); at decode it reads the compact store of
 the layer the cache has just updated and runs :func:`leank_decode_torch` or the Triton kernel
-(``backend="triton"``, or ``"auto"`` on CUDA).
+(``backend="triton"``, or ``"auto"`` on CUDA). The Triton path builds one ``LeanKDecoder`` per layer at the
+first decode step and keeps it on the layer, so each later step is a single kernel launch.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
 
 from .attention import default_attention
-from .layout import MiddleGroup
+from .layout import HeadGroups, MiddleGroup
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -39,7 +41,9 @@ class DecodeStore(Protocol):
     layer_idx: int
     keys: torch.Tensor  # [B, G, Nf, D]: the full window (sink + recent), last token = the query's own
     values: torch.Tensor  # [B, G, Nf, D]
-    groups: list[MiddleGroup]
+    groups: list[MiddleGroup]  # views of the middle buffers [B, Gc, cap, c] / [B, Gc, cap, D], in heads' order
+    heads: HeadGroups  # the layer's grouping (built once from its mask)
+    # Optional: ``lengths`` (int32 device tensor [n_full, n_mid], for CUDA graphs) and ``decoder`` (set here).
 
 
 def leank_decode_torch(
@@ -67,6 +71,7 @@ def leank_decode_torch(
     return out.view(b, h, d).to(q.dtype)
 
 
+@functools.cache
 def triton_available() -> bool:
     """True when the Triton LeanK kernel can be imported (``leank_ref.kernels``)."""
     try:
@@ -79,11 +84,60 @@ def triton_available() -> bool:
 def leank_decode_triton(
     q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
 ) -> torch.Tensor:
-    """The same attention through the Triton kernel; the stored tensors are passed as they are (no copies)."""
+    """The same attention through the Triton kernel in one call (it validates and plans every time)."""
     from leank_ref.kernels import leank_decode
 
-    groups = [g for g in groups if g.k.shape[2] > 0]  # the cache's own MiddleGroup objects, no copies
     return leank_decode(q.contiguous(), k_full, v_full, groups, scale=scaling)
+
+
+def store_heads(store: DecodeStore) -> HeadGroups:
+    """The layer's head grouping as a validated :class:`HeadGroups` (the cache's own, or built from its groups)."""
+    heads = getattr(store, "heads", None)
+    if isinstance(heads, HeadGroups):
+        return heads
+    g, d = store.keys.shape[1], store.keys.shape[3]
+    if heads is not None:
+        return HeadGroups.from_indices(heads.kv_heads, heads.channels, g, d)
+    return HeadGroups.from_indices([x.kv_heads for x in store.groups], [x.channels for x in store.groups], g, d)
+
+
+def layer_decoder(store: DecodeStore, q: torch.Tensor, scaling: float):
+    """The layer's :class:`leank_ref.kernels.LeanKDecoder`, built at its first decode step and kept on the layer.
+
+    Splits are planned for the buffers' capacities (read from their strides). A new batch size, head count,
+    dtype or device, or a middle store grown past twice the planned capacity, builds a new decoder.
+    """
+    decoder = getattr(store, "decoder", None)
+    b, h, d = q.shape
+    max_middle = store.groups[0].v.stride(1) // d if store.groups else 0
+    if decoder is not None and (decoder.batch, decoder.num_heads, decoder.dtype, decoder.device) == (
+        b,
+        h,
+        q.dtype,
+        q.device,
+    ):
+        if max_middle <= 2 * max(decoder.max_middle, 1):
+            return decoder
+    from leank_ref.kernels import LeanKDecoder
+
+    max_full = store.keys.stride(1) // d  # the full-window buffer's capacity
+    decoder = LeanKDecoder(store_heads(store), b, h, q.dtype, q.device, max_full, max_middle, scale=scaling)
+    store.decoder = decoder
+    return decoder
+
+
+def leank_decode_layer(store: DecodeStore, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One layer's decode step through its decoder: one kernel launch, no synchronisation, no allocation.
+
+    The lengths are the cache's device tensor ``store.lengths`` when it has one (CUDA-graph decoding), else the
+    Python lengths of its views.
+    """
+    decoder = layer_decoder(store, q, scaling)
+    lengths = getattr(store, "lengths", None)
+    groups = store.groups
+    if lengths is None:
+        lengths = (store.keys.shape[2], groups[0].k.shape[2] if groups else 0)
+    return decoder(q, store.keys, store.values, [g.k for g in groups], [g.v for g in groups], lengths)
 
 
 def check_no_padding(attention_mask: torch.Tensor | None) -> None:
@@ -126,8 +180,9 @@ class LeanKAttention:
     def decode(self, store: DecodeStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode attention of one layer: query [B, H, 1, D] -> [B, 1, H, D], reading ``store``."""
         q = query[:, :, 0]  # [B, H, D]
-        run = leank_decode_triton if self.uses_triton(q.device) else leank_decode_torch
-        return run(q, store.keys, store.values, store.groups, scaling)[:, None]
+        if self.uses_triton(q.device):
+            return leank_decode_layer(store, q, scaling)[:, None]
+        return leank_decode_torch(q, store.keys, store.values, store.groups, scaling)[:, None]
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
         pending, self.pending = self.pending, None

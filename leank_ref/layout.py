@@ -1,10 +1,21 @@
 """The compact middle-store layout shared by the LeanK cache, its torch decode path and the Triton kernel.
 
 Kept in a module of its own (torch only) so the torch path never needs Triton (an optional dependency).
+
+Two objects describe one layer:
+
+* :class:`HeadGroups`, built **once** from the layer's 0/1 mask (or from explicit index lists, which it
+  validates on the host): which KV heads keep how many key channels, and which ones. Heads that keep the
+  same count ``c > 0`` form a group; heads that keep none store no middle tokens at all.
+* :class:`MiddleGroup`, the stored middle tokens of one group (the cache's views of its buffers).
+
+Both the cache and the kernels take their grouping from :meth:`HeadGroups.from_mask`, so there is one
+definition of "group" in the project.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,28 +31,77 @@ class MiddleGroup:
     v: torch.Tensor  # [B, Gc, Nm, D]: middle values (full width)
 
 
-MIN_KEPT = 16  # kept counts of a middle group are multiples of this: the Triton kernel's tl.dot needs >= 16 channels
+@dataclass(frozen=True)
+class HeadGroups:
+    """One layer's KV heads grouped by kept count ``c > 0``: heads ``[Gc]`` and kept channels ``[Gc, c]`` per group.
 
-
-def check_windows(sink: int, recent: int, block: int = 1) -> None:
-    """Raise unless sink >= 0, recent >= 1 (a query always sees itself) and block >= 1 (tokens compacted at a time)."""
-    if sink < 0 or recent < 1 or block < 1:
-        raise ValueError(
-            f"sink={sink}, recent={recent}, block={block}: need sink >= 0, recent >= 1 (the query's own token is "
-            "recent) and block >= 1 (tokens compacted at a time); SmolLM2 defaults are sink=16, recent=64, block=32."
-        )
-
-
-def group_heads(layer_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Group one layer's KV heads by kept count: ``[(kv_heads [Gc], channels [Gc, c]), ...]``, c ascending.
-
-    ``layer_mask`` [G, D] is 0/1 (or bool). Heads that keep no channel get no group: they store no middle K or V
-    (the deployed meaning). Index tensors are int64 on the mask's device, channels in their original order.
+    The tensors are int64 on the CPU and already validated (every index in range, no head in two groups, no
+    channel twice in a head), so whoever moves them to a device once can use them without further checks.
+    Groups are in increasing ``c``; within a group, heads in increasing index.
     """
-    keep = layer_mask > 0
-    counts = keep.sum(-1)  # [G]
-    groups = []
-    for c in sorted(set(counts.tolist()) - {0}):
-        heads = torch.nonzero(counts == c).flatten()  # [Gc]
-        groups.append((heads, torch.nonzero(keep[heads])[:, 1].view(len(heads), c)))
-    return groups
+
+    kv_heads: tuple[torch.Tensor, ...]
+    channels: tuple[torch.Tensor, ...]
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def counts(self) -> list[int]:
+        """The kept count ``c`` of each group."""
+        return [int(ch.shape[1]) for ch in self.channels]
+
+    @property
+    def middle_heads(self) -> int:
+        """KV heads that store middle tokens (the sum of the group sizes)."""
+        return sum(int(h.numel()) for h in self.kv_heads)
+
+    @classmethod
+    def from_mask(cls, layer_mask: torch.Tensor) -> HeadGroups:
+        """Group the heads of a 0/1 (or bool) layer mask ``[G, D]``; heads that keep no channel get no group."""
+        if layer_mask.dim() != 2:
+            raise ValueError(f"a layer mask is [G, D] (KV heads x head_dim), got shape {list(layer_mask.shape)}")
+        keep = layer_mask.detach().cpu() > 0
+        counts = keep.sum(dim=1)
+        heads, channels = [], []
+        for c in sorted({int(n) for n in counts if n > 0}):
+            idx = torch.nonzero(counts == c).flatten()  # [Gc]
+            heads.append(idx)
+            channels.append(torch.stack([torch.nonzero(keep[g]).flatten() for g in idx.tolist()]))
+        return cls(tuple(heads), tuple(channels), keep.shape[0], keep.shape[1])
+
+    @classmethod
+    def from_indices(
+        cls,
+        kv_heads: Sequence[torch.Tensor],
+        channels: Sequence[torch.Tensor],
+        num_kv_heads: int,
+        head_dim: int,
+    ) -> HeadGroups:
+        """Groups from explicit index tensors (any device, any order); raise ``ValueError`` on an invalid layout."""
+        if len(kv_heads) != len(channels):
+            raise ValueError(f"{len(kv_heads)} kv_heads tensors but {len(channels)} channels tensors: one per group")
+        heads_cpu = tuple(torch.as_tensor(h).detach().cpu().long() for h in kv_heads)
+        channels_cpu = tuple(torch.as_tensor(c).detach().cpu().long() for c in channels)
+        groups = cls(heads_cpu, channels_cpu, num_kv_heads, head_dim)
+        groups.validate()
+        return groups
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` unless every head and channel index is in range and none repeats."""
+        seen: set[int] = set()
+        for i, (h, ch) in enumerate(zip(self.kv_heads, self.channels)):
+            if h.dim() != 1 or ch.dim() != 2 or ch.shape[0] != h.shape[0]:
+                raise ValueError(
+                    f"groups[{i}]: kv_heads must be [Gc] and channels [Gc, c], got {list(h.shape)} and {list(ch.shape)}"
+                )
+            heads = h.tolist()
+            bad = [x for x in heads if not 0 <= x < self.num_kv_heads]
+            if bad:
+                raise ValueError(f"groups[{i}].kv_heads {bad} are outside 0..{self.num_kv_heads - 1}")
+            if seen.intersection(heads) or len(set(heads)) != len(heads):
+                raise ValueError(f"groups[{i}].kv_heads {heads} repeat a KV head: each head belongs to one group")
+            seen.update(heads)
+            if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= self.head_dim):
+                raise ValueError(f"groups[{i}].channels must lie in 0..{self.head_dim - 1}")
+            if ch.numel() and (ch.sort(dim=1).values.diff(dim=1) == 0).any():
+                raise ValueError(f"groups[{i}].channels repeat a channel within a head")

@@ -9,7 +9,6 @@ runs every program in numpy. bf16 and the speed are checked on the GPU by benchm
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import torch
 
@@ -18,8 +17,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from leank_ref.kernels import (  # noqa: E402  # noqa: E402
+from leank_ref.kernels import (  # noqa: E402
     DecodeConfig,
+    HeadGroups,
+    LeanKDecoder,
     MiddleGroup,
     decode_dense,
     decode_leank,
@@ -30,7 +31,7 @@ from leank_ref.kernels import (  # noqa: E402  # noqa: E402
     leank_layout_from_dense,
     masked_dense_reference,
 )
-from leank_ref.kernels.decode_dense import LOG2E, check_runnable, launch_merge, plan_splits  # noqa: E402
+from leank_ref.kernels.decode_dense import check_runnable, plan_splits  # noqa: E402
 
 from leank_ref.attention import simulate_newest_query  # noqa: E402
 
@@ -177,47 +178,90 @@ def test_leank_matches_references(B, H, G, N, D, counts, sink, recent, config):
         assert not torch.allclose(out, sdpa_expanded(q, k, v), atol=1e-3)
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=lambda i: LEANK_CASES[i].id)
-def test_leank_one_launch_per_part_matches_reference(case):
-    """The other path (one launch for the full part, one per group, a -inf fill) computes the same attention."""
-    B, H, G, N, D, counts, sink, recent, config = LEANK_CASES[case].values
-    q, k, v = qkv(B, H, G, N, D, seed=N + D + 100)
-    keep = random_keep(G, D, counts, seed=N)
+def _decoder_inputs(B, H, G, N, D, counts, sink, recent, seed):
+    """A dense cache, its LeanK layout and the head grouping of the same keep mask."""
+    q, k, v = qkv(B, H, G, N, D, seed=seed)
+    keep = random_keep(G, D, counts, seed=seed + 1)
     k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
-    out = leank_decode(q, k_full, v_full, groups, config=replace(config or DecodeConfig(), leank_single_launch=False))
-    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, sink, recent), **TOL)
+    return q, k, v, keep, k_full, v_full, groups
 
 
-def test_single_launch_marks_every_unused_slot():
-    """Scratch that starts as garbage (huge lse, NaN outputs) must not leak into the merge."""
+def test_merge_in_one_launch_ignores_garbage_scratch_and_resets_its_counters():
+    """Several splits per part on any number of SMs; scratch poisoned with NaN and huge lse; called twice."""
     B, H, G, N, D, sink, recent = 2, 8, 4, 200, 64, 8, 16
-    config = DecodeConfig(block_n=16, min_tokens_per_split=16)
-    q, k, v = qkv(B, H, G, N, D, seed=31)
-    keep = random_keep(G, D, [16, 0, 48, 16], seed=7)  # a zero-count head and groups with different splits
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
-    full_splits, full_per = plan_splits(k_full.shape[2], B * G, q.device, config)
-    middles = [(g, *plan_splits(g.k.shape[2], B * g.k.shape[1], q.device, config)) for g in groups]
-    assert len({splits for _, splits, _ in middles}) > 1  # so some group leaves slots unused
-    s_total = full_splits + max(splits for _, splits, _ in middles)
-    o_part = torch.full((B, H, s_total, D), float("nan"), device=DEVICE)
-    lse_part = torch.full((B, H, s_total), 1e4, device=DEVICE)
-    decode_leank._launch_fused(
-        q, k_full, v_full, middles, o_part, lse_part, D**-0.5 * LOG2E, full_splits, full_per, config
-    )
-    assert not (lse_part == 1e4).any()
-    out = torch.empty(B, H, D, device=DEVICE)
-    launch_merge(o_part, lse_part, out)
-    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, sink, recent), **TOL)
+    # programs_per_sm=64 asks for >= 64 * SMs / rows splits, at least 8 here even with one SM; 16 tokens per split.
+    config = DecodeConfig(block_n=16, min_tokens_per_split=16, programs_per_sm=64)
+    q, k, v, keep, k_full, v_full, groups = _decoder_inputs(B, H, G, N, D, [16, 0, 48, 16], sink, recent, seed=31)
+    heads = HeadGroups.from_mask(keep)
+    decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, k_full.shape[2], groups[0].k.shape[2], config=config)
+    assert decoder.full_splits > 1 and decoder.mid_splits > 1  # so partials really are merged, across parts
+    decoder.o_part.fill_(float("nan"))
+    decoder.lse_part.fill_(1e4)
+    expected = masked_dense_reference(q, k, v, keep, sink, recent)
+    mid = ([g.k for g in groups], [g.v for g in groups])
+    out = decoder(q, k_full, v_full, *mid, (k_full.shape[2], groups[0].k.shape[2]))
+    torch.testing.assert_close(out, expected, **TOL)
+    assert not decoder.count.any()  # the last program of each head reset its counter
+    q2 = randn(B, H, D, seed=77)
+    out2 = decoder(q2, k_full, v_full, *mid, (k_full.shape[2], groups[0].k.shape[2]))
+    assert out2.data_ptr() == out.data_ptr()  # the same output buffer every step: no allocation
+    torch.testing.assert_close(out2, masked_dense_reference(q2, k, v, keep, sink, recent), **TOL)
 
 
-def test_more_groups_than_one_launch_takes():
-    """Five distinct kept counts exceed MAX_FUSED_GROUPS: the wrapper falls back to one launch per group."""
+def test_decoder_reads_lengths_from_the_device_and_any_full_window_order():
+    """What a CUDA graph replays: preallocated buffers, lengths in a device tensor, the full window as a ring."""
+    B, H, G, D, sink, recent, cap = 1, 8, 4, 64, 8, 16, 96
+    counts = [32, 0, 16, 16]
+    q, k, v = qkv(B, H, G, sink + recent + 60, D, seed=41)
+    keep = random_keep(G, D, counts, seed=42)
+    heads = HeadGroups.from_mask(keep.cpu())
+    decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, sink + recent, cap)
+    lengths = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    for n in (sink + recent - 5, sink + recent + 1, sink + recent + 60):  # no middle yet, then a growing middle
+        k_full, v_full, groups = leank_layout_from_dense(k[:, :, :n], v[:, :, :n], keep, sink, recent)
+        nm = groups[0].k.shape[2] if groups else 0
+        roll = torch.roll(torch.arange(k_full.shape[2]), 5).to(DEVICE)  # ring order: attention ignores order
+        kf, vf = (t.new_zeros(B, G, sink + recent, D) for t in (k_full, v_full))
+        kf[:, :, : k_full.shape[2]], vf[:, :, : k_full.shape[2]] = k_full[:, :, roll], v_full[:, :, roll]
+        mid_k = [torch.zeros(B, len(h), cap, c, device=DEVICE) for h, c in zip(heads.kv_heads, heads.counts)]
+        mid_v = [torch.zeros(B, len(h), cap, D, device=DEVICE) for h in heads.kv_heads]
+        for grp, mk, mv in zip(groups, mid_k, mid_v):
+            mk[:, :, :nm], mv[:, :, :nm] = grp.k, grp.v
+        lengths.copy_(torch.tensor([k_full.shape[2], nm]))
+        out = decoder(q, kf, vf, mid_k, mid_v, lengths)
+        torch.testing.assert_close(out, masked_dense_reference(q, k[:, :, :n], v[:, :, :n], keep, sink, recent), **TOL)
+
+
+def test_one_launch_per_call(monkeypatch):
+    """The decoder's call is exactly one kernel launch (the merge included)."""
+    launches = []
+    kernel = decode_leank._leank_layer_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    q, k, v, keep, k_full, v_full, groups = _decoder_inputs(1, 8, 4, 150, 64, [0, 16, 48, 64], 16, 40, seed=3)
+    decoder = LeanKDecoder(HeadGroups.from_mask(keep), 1, 8, DTYPE, DEVICE, k_full.shape[2], groups[0].k.shape[2])
+    monkeypatch.setattr(decode_leank, "_leank_layer_kernel", Counting())
+    decoder(q, k_full, v_full, [g.k for g in groups], [g.v for g in groups], (k_full.shape[2], groups[0].k.shape[2]))
+    assert len(launches) == 1
+
+
+def test_eight_groups_in_one_launch_and_nine_refused():
+    """Up to MAX_GROUPS distinct kept counts share the launch; more raise a ValueError naming the fix."""
     q, k, v = qkv(1, 8, 8, 100, 128, seed=37)
-    keep = random_keep(8, 128, [16, 32, 48, 64, 80, 0, 16, 32], seed=9)
+    keep = random_keep(8, 128, [16, 32, 48, 64, 80, 96, 112, 128], seed=9)
     k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 16)
-    assert len(groups) > decode_leank.MAX_FUSED_GROUPS
+    assert len(groups) == decode_leank.MAX_GROUPS
     out = leank_decode(q, k_full, v_full, groups)
     torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, 8, 16), **TOL)
+    keep9 = torch.zeros(9, 256, dtype=torch.bool)
+    for h in range(9):
+        keep9[h, : 16 * (h + 1)] = True
+    with pytest.raises(ValueError, match="at most 8: binarize with an alignment"):
+        LeanKDecoder(HeadGroups.from_mask(keep9), 1, 9, DTYPE, DEVICE, 16, 16)
 
 
 def test_leank_all_channels_kept_is_dense():
@@ -437,12 +481,6 @@ def test_kernels_compile_for_h100_without_spills():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if "registers/thread" in line}
-    assert set(lines) == {
-        "dense partials",
-        "merge",
-        "LeanK middle, c=32",
-        "LeanK middle, c=96",
-        "LeanK single launch, 3 groups",
-    }, run.stdout
-    for name in ("dense partials", "merge", "LeanK middle, c=32", "LeanK middle, c=96"):
+    assert set(lines) == {"dense partials", "merge", "LeanK layer, 3 groups"}, run.stdout
+    for name in ("dense partials", "merge"):
         assert "spill stack 0 B" in lines[name], lines[name]
