@@ -1,27 +1,23 @@
-"""Where the LeanK decode time goes: whole decoding steps, eager and as CUDA graphs, and a kernel profile.
+"""Whole decoding steps of attention (32 layers), eager and as CUDA graphs: kernel time and host time.
 
-Run on a CUDA machine from the repository root (about 2 minutes on an H100):
+Run on a CUDA machine from the repository root (a few minutes on an H200):
 
-    python benchmarks/decode_profile.py --out DIR [--shapes 8x32768 1x131072]
+    python benchmarks/decode_profile.py --out DIR [--shapes 1x4096 8x32768 1x131072]
 
-``benchmarks/decode_kernels.py`` times each layer's call alone after an L2 flush. There LeanK loses a
-roughly fixed 60-120 us per layer to something other than bytes, and its wrapper needs ~400 us of host time
-per layer against ~150 us for dense. This script separates the two causes. For each shape it builds one
-decoding step's attention over all 32 layers of Llama-3.1-8B (H=32, G=8, D=128, bf16), each layer with its
-own cache (dense) and its own compact cache (LeanK, the authors' released mask, sink 128, recent 768), and
-times the whole step (the L2 is flushed once before each step, as the 32 layers' caches do not fit in it):
+For each shape it builds one decoding step's attention over all 32 layers of Llama-3.1-8B (H=32, G=8,
+D=128, bf16), each layer with its own dense cache and its own compact LeanK cache (the authors' released
+mask, sink 128, recent 768), and times the whole step (the L2 is flushed once before each step, as the 32
+layers' caches do not fit in it) for torch SDPA (flash, memory-efficient and cuDNN backends), the dense
+Triton kernel and LeanK (one ``LeanKDecoder`` per layer, built once, one launch per layer per step):
 
-1. eager, layers back to back: what a plain PyTorch decode loop gets (host time can hide behind the GPU);
-2. as a CUDA graph: no host work at all, only the GPU's time (what serving engines run);
-3. the same for LeanK's full part alone (``leank_decode`` with no middle groups): the cost of the sink +
-   recent launch and the merge; LeanK runs with the default configuration (``leank_single_launch``: the full
-   part and all groups of a layer in one launch, no -inf fill, 2 launches per layer) and with one launch per
-   part (``leank_triton_per_part``: 4-6 launches per layer), both checked against the torch reference first;
-4. a ``torch.profiler`` trace of eager LeanK steps (both variants): GPU time per kernel (full part, middle,
-   merge, the -inf fill of the scratch), and the GPU's busy share of the step's wall time.
+1. **eager**: layers back to back from Python, as ``generate`` runs them; the time includes whatever host
+   work the GPU cannot hide (``host_enqueue_us_per_layer`` is the host's own time per layer);
+2. **graph**: the same step captured once as a CUDA graph and replayed: only the GPU's time (kernel time);
+3. a ``torch.profiler`` trace of eager LeanK steps: GPU time and launches per kernel, the GPU's busy share.
 
-Everything goes to DIR/decode_profile.json with leank_ref.provenance. ``--cpu-check`` runs the step functions
-once at tiny shapes in Triton's interpreter (no timing) to check the script's logic on a machine without CUDA.
+``kernel_speedup_graph`` / ``kernel_speedup_eager`` are the best SDPA backend's step time over LeanK's, in
+each mode. Everything goes to DIR/decode_profile.json with leank_ref.provenance. ``--cpu-check`` runs the
+step functions once at tiny shapes in Triton's interpreter (no timing) to check the logic without CUDA.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ import os
 import statistics
 import sys
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kernels are defined
@@ -44,9 +39,9 @@ import torch.nn.functional as F  # noqa: E402
 # The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
 from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, D, G, H  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
-    DecodeConfig,
+    HeadGroups,
+    LeanKDecoder,
     dense_decode,
-    leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
 )
@@ -67,33 +62,47 @@ def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dty
     return q, dense, leank
 
 
-def step_functions(q, dense, leank, sdpa_backend=None) -> dict:
+def layer_decoders(q: torch.Tensor, keep: torch.Tensor, leank, full_only: bool = False) -> list:
+    """One LeanKDecoder per layer (built once, as a cache does), bound to that layer's compact cache."""
+    B, H_, _ = q.shape
+    calls = []
+    for layer, (kf, vf, groups) in enumerate(leank):
+        heads = HeadGroups((), (), G, D) if full_only else HeadGroups.from_mask(keep[layer])
+        groups = [] if full_only else groups
+        nm = groups[0].k.shape[2] if groups else 0
+        dec = LeanKDecoder(heads, B, H_, q.dtype, q.device, kf.shape[2], nm)
+        calls.append((dec, kf, vf, [g.k for g in groups], [g.v for g in groups], (kf.shape[2], nm)))
+    return calls
+
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
+def step_functions(q, dense, leank, keep) -> dict:
     """Callables that run one decoding step's attention (all layers) with each method."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def sdpa():
-        from torch.nn.attention import sdpa_kernel
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return [F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0] for k, v in dense]
 
-        with sdpa_kernel(sdpa_backend) if sdpa_backend is not None else nullcontext():
-            return [F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0] for k, v in dense]
+        return run
 
-    per_part = DecodeConfig(leank_single_launch=False)
-    return {
-        "sdpa": sdpa,
-        "dense_triton": lambda: [dense_decode(q, k, v) for k, v in dense],
-        "leank_triton": lambda: [leank_decode(q, kf, vf, groups) for kf, vf, groups in leank],
-        "leank_triton_per_part": lambda: [leank_decode(q, kf, vf, groups, config=per_part) for kf, vf, groups in leank],
-        "leank_full_part_only": lambda: [leank_decode(q, kf, vf, []) for kf, vf, _ in leank],
-    }
+    decoders = layer_decoders(q, keep, leank)
+    full_only = layer_decoders(q, keep, leank, full_only=True)
+    fns = {f"sdpa_{b.split('_')[0].lower()}": sdpa(b) for b in SDPA_BACKENDS if q.is_cuda}
+    fns["dense_triton"] = lambda: [dense_decode(q, k, v) for k, v in dense]
+    fns["leank_triton"] = lambda: [dec(q, *rest) for dec, *rest in decoders]
+    fns["leank_full_part_only"] = lambda: [dec(q, *rest) for dec, *rest in full_only]
+    return fns
 
 
 def check_outputs(q, leank, fns: dict) -> dict:
-    """Largest relative error of each LeanK variant against the torch reference, over all layers."""
+    """Largest relative error of LeanK against the torch reference, over all layers."""
     refs = [leank_decode_reference(q, kf, vf, groups).float() for kf, vf, groups in leank]
-    errors = {}
-    for name in ("leank_triton", "leank_triton_per_part"):
-        outs = fns[name]()
-        errors[name] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))
-    return errors
+    outs = [o.clone() for o in fns["leank_triton"]()]  # each decoder reuses its output buffer
+    return {"leank_triton": max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))}
 
 
 def time_step(fn, flush: torch.Tensor, reps: int) -> dict:
@@ -165,35 +174,43 @@ def kernel_profile(fn, steps: int = 3) -> dict:
     }
 
 
-def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps: int, sdpa_backend) -> dict:
+def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps: int) -> dict:
     """Eager and graph step times of every method at one shape, and LeanK's kernel profile."""
     q, dense, leank = build_step(B, N, keep, "cuda", torch.bfloat16)
-    fns = step_functions(q, dense, leank, sdpa_backend)
-    result = {"B": B, "N": N, "layers": keep.shape[0], "sdpa_backend": str(sdpa_backend), "eager": {}, "graph": {}}
+    fns = step_functions(q, dense, leank, keep.cpu())
+    L = keep.shape[0]
+    result = {"B": B, "N": N, "layers": L, "eager": {}, "graph": {}}
     result["rel_err_vs_reference"] = check_outputs(q, leank, fns)
     print(f"B{B} N{N}: LeanK relative error against the torch reference {result['rel_err_vs_reference']}", flush=True)
     if not max(result["rel_err_vs_reference"].values()) < 2e-2:
         raise SystemExit(f"LeanK outputs are wrong at B{B} N{N}: {result['rel_err_vs_reference']}")
     for name, fn in fns.items():
-        result["eager"][name] = time_step(fn, flush, reps)
+        try:
+            result["eager"][name] = time_step(fn, flush, reps)
+            result["eager"][name]["host_enqueue_us_per_layer"] = result["eager"][name]["host_enqueue_ms"] * 1e3 / L
+        except RuntimeError as e:  # a backend that refuses the shape
+            result["eager"][name] = {"error": str(e).splitlines()[0][:200]}
+            result["graph"][name] = {"error": "not run"}
+            continue
         try:
             result["graph"][name] = time_step(as_graph(fn), flush, reps)
         except RuntimeError as e:  # a backend that cannot be captured
             result["graph"][name] = {"error": str(e).splitlines()[0][:200]}
         print(
             f"B{B} N{N} {name:>22}: eager {result['eager'][name]['median_ms']:8.3f} ms "
-            f"(host {result['eager'][name]['host_enqueue_ms']:7.3f} ms), "
+            f"(host {result['eager'][name]['host_enqueue_us_per_layer']:6.1f} us/layer), "
             f"graph {result['graph'][name].get('median_ms', float('nan')):8.3f} ms",
             flush=True,
         )
     for mode in ("eager", "graph"):
-        base = result[mode]["sdpa"].get("median_ms")
+        sdpa = {k: r for k, r in result[mode].items() if k.startswith("sdpa") and "median_ms" in r}
+        best = min(sdpa, key=lambda k: sdpa[k]["median_ms"])
+        result[f"best_sdpa_{mode}"] = best
         for r in result[mode].values():
-            if "median_ms" in r and base:
-                r["speedup_vs_sdpa"] = base / r["median_ms"]
+            if "median_ms" in r:
+                r["speedup_vs_best_sdpa"] = sdpa[best]["median_ms"] / r["median_ms"]
+        result[f"kernel_speedup_{mode}"] = result[mode]["leank_triton"].get("speedup_vs_best_sdpa")
     result["leank_profile"] = kernel_profile(fns["leank_triton"])
-    result["leank_per_part_profile"] = kernel_profile(fns["leank_triton_per_part"])
-    result["dense_profile"] = kernel_profile(fns["dense_triton"])
     del q, dense, leank, fns
     torch.cuda.empty_cache()
     return result
@@ -203,15 +220,14 @@ def cpu_check() -> None:
     """Run the step functions once at tiny shapes in the interpreter and compare LeanK with its reference."""
     keep = load_mask(MASK).bool()[:2]  # two layers
     q, dense, leank = build_step(1, N_SINK + N_RECENT + 40, keep, "cpu", torch.float32)
-    fns = step_functions(q, dense, leank)
-    outs = {name: fn() for name, fn in fns.items()}
+    fns = step_functions(q, dense, leank, keep)
+    outs = {name: [o.clone() for o in fn()] for name, fn in fns.items()}
     print("relative errors against the reference:", check_outputs(q, leank, fns))
     for layer, (kf, vf, groups) in enumerate(leank):
         ref = leank_decode_reference(q, kf, vf, groups)
-        for name in ("leank_triton", "leank_triton_per_part"):
-            err = (outs[name][layer] - ref).abs().max().item()
-            print(f"layer {layer}: {len(groups)} groups, {name} vs reference max |diff| {err:.2e}")
-            assert err < 1e-4
+        err = (outs["leank_triton"][layer] - ref).abs().max().item()
+        print(f"layer {layer}: {len(groups)} groups, leank_triton vs reference max |diff| {err:.2e}")
+        assert err < 1e-4
     print("step functions run:", {name: len(o) for name, o in outs.items()})
 
 
@@ -219,7 +235,12 @@ def main() -> None:
     """Parse arguments, profile each shape, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for decode_profile.json")
-    parser.add_argument("--shapes", nargs="*", default=["8x32768", "1x131072"], help="BxN, e.g. 8x32768")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=["1x4096", "8x4096", "32x4096", "1x32768", "8x32768", "1x131072"],
+        help="BxN, e.g. 8x32768",
+    )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--cpu-check", action="store_true", help="check the logic at tiny shapes without CUDA")
     args = parser.parse_args()
@@ -230,37 +251,40 @@ def main() -> None:
         raise SystemExit("this profile needs a CUDA GPU (or --cpu-check)")
     if args.out is None:
         raise SystemExit("--out DIR is required")
-    from torch.nn.attention import SDPBackend
-
     torch.manual_seed(0)
-    keep = load_mask(MASK).to("cuda") > 0.5  # [L, G, D]
+    keep = load_mask(MASK) > 0.5  # [L, G, D]
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     report = {
         **provenance("cuda"),
         "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK, "recent": N_RECENT},
         "mask": MASK,
         "timing": "one decoding step = all 32 layers back to back, each with its own cache; L2 flushed before "
-        "each step; median over --reps steps; graph = the same step captured as a CUDA graph",
+        "each step; median over --reps steps. eager: launched from Python (host time included where the GPU "
+        "cannot hide it); graph: the same step captured once as a CUDA graph and replayed (GPU kernel time). "
+        "host_enqueue_us_per_layer: the host's time to enqueue the step, per layer",
         "results": [],
     }
-    backend = SDPBackend.CUDNN_ATTENTION  # the best backend at most shapes in decode_kernels.json
     for shape in args.shapes:
         B, N = (int(x) for x in shape.split("x"))
-        try:
-            report["results"].append(profile_shape(B, N, keep, flush, args.reps, backend))
-        except RuntimeError as e:  # cuDNN refused: fall back to flash
-            print(f"B{B} N{N}: {str(e).splitlines()[0][:120]}; retrying with the flash backend")
-            torch.cuda.empty_cache()
-            report["results"].append(profile_shape(B, N, keep, flush, args.reps, SDPBackend.FLASH_ATTENTION))
+        report["results"].append(profile_shape(B, N, keep, flush, args.reps))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "decode_profile.json").write_text(json.dumps(report, indent=1))
-    for r, variant in ((r, v) for r in report["results"] for v in ("leank_profile", "leank_per_part_profile")):
-        prof = r[variant]
+    print(f"\n{'shape':>12} {'best sdpa':>10} {'graph x':>8} {'eager x':>8} {'host us/layer leank':>20} {'sdpa':>6}")
+    for r in report["results"]:
+        best = r["best_sdpa_eager"]
+        label = f"B{r['B']} N{r['N']}"
         print(
-            f"\nB{r['B']} N{r['N']} {variant}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
+            f"{label:>12} {best:>10} {r['kernel_speedup_graph']:8.2f} "
+            f"{r['kernel_speedup_eager']:8.2f} {r['eager']['leank_triton']['host_enqueue_us_per_layer']:20.1f} "
+            f"{r['eager'][best]['host_enqueue_us_per_layer']:6.1f}"
+        )
+    for r in report["results"]:
+        prof = r["leank_profile"]
+        print(
+            f"\nB{r['B']} N{r['N']}: LeanK eager step {prof['wall_us_per_step'] / 1e3:.3f} ms wall, GPU busy "
             f"{prof['gpu_busy_share']:.0%}; kernels (us per step, calls):"
         )
-        for name, k in list(prof["kernels"].items())[:8]:
+        for name, k in list(prof["kernels"].items())[:5]:
             print(f"  {k['us_per_step']:9.1f} us  {k['calls_per_step']:5.0f}x  {name[:90]}")
 
 
