@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leank_ref.layout import HeadGroups, MiddleGroup  # the layout the cache stores; re-exported here
+from leank_ref.layout import MIN_KEPT, HeadGroups, MiddleGroup  # the layout the cache stores; re-exported here
 
 from .decode_dense import (
     LOG2E,
@@ -60,7 +60,6 @@ from .decode_dense import (
     plan_splits,
 )
 
-MIN_KEPT = 16  # tl.dot needs at least 16 channels; the alignment a (16 or 32) guarantees it
 MAX_GROUPS = 8  # distinct kept counts per layer one launch serves (D / 16 for D = 128)
 
 

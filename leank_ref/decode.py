@@ -47,14 +47,26 @@ class DecodeStore(Protocol):
 
 
 def leank_decode_torch(
-    q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
+    q: torch.Tensor,
+    k_full: torch.Tensor,
+    v_full: torch.Tensor,
+    groups: list[MiddleGroup],
+    scaling: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LeanK decode attention in plain torch (float32 softmax): q [B, H, D] -> output [B, H, D] in q's dtype."""
+    """LeanK decode attention in plain torch (float32 softmax): q [B, H, D] -> output [B, H, D] in q's dtype.
+
+    ``lengths`` (optional int tensor ``[n_full, n_mid]`` on q's device): the tensors are whole preallocated
+    buffers and only their first ``n_full`` full-window slots and ``n_mid`` middle tokens count; the rest is
+    masked on the device (no host synchronisation, so a CUDA graph can replay it).
+    """
     b, h, d = q.shape
     g, nf = k_full.shape[1], k_full.shape[2]
     r = h // g  # query heads per KV head (GQA): query head i uses KV head i // r
     qf = (q.float() * scaling).view(b, g, r, d)
     full = qf @ k_full.float().transpose(-1, -2)  # [B, G, r, Nf]
+    if lengths is not None:
+        full = full.masked_fill(torch.arange(nf, device=q.device) >= lengths[0], float("-inf"))
     nm = groups[0].k.shape[2] if groups else 0
     if nm == 0:  # no middle token stored (short context, or every head keeps nothing)
         return (torch.softmax(full, -1) @ v_full.float()).view(b, h, d).to(q.dtype)
@@ -63,7 +75,10 @@ def leank_decode_torch(
     for grp in groups:
         index = grp.channels[None, :, None, :].expand(b, -1, r, -1)  # [B, Gc, r, c]
         q_kept = torch.gather(qf.index_select(1, grp.kv_heads), -1, index)  # [B, Gc, r, c]
-        logits[:, grp.kv_heads, :, nf:] = q_kept @ grp.k.float().transpose(-1, -2)  # [B, Gc, r, Nm]
+        mid = q_kept @ grp.k.float().transpose(-1, -2)  # [B, Gc, r, Nm]
+        if lengths is not None:
+            mid = mid.masked_fill(torch.arange(nm, device=q.device) >= lengths[1], float("-inf"))
+        logits[:, grp.kv_heads, :, nf:] = mid
     p = torch.softmax(logits, -1)  # [B, G, r, Nf + Nm]
     out = p[..., :nf] @ v_full.float()  # [B, G, r, D]
     for grp in groups:
@@ -182,7 +197,8 @@ class LeanKAttention:
         q = query[:, :, 0]  # [B, H, D]
         if self.uses_triton(q.device):
             return leank_decode_layer(store, q, scaling)[:, None]
-        return leank_decode_torch(q, store.keys, store.values, store.groups, scaling)[:, None]
+        lengths = getattr(store, "lengths", None)
+        return leank_decode_torch(q, store.keys, store.values, store.groups, scaling, lengths)[:, None]
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
         pending, self.pending = self.pending, None
