@@ -9,10 +9,11 @@ sink 128, recent 768) with the authors' released mask, for B in {1, 8} x N in {8
 
 1. checks that their LeanK kernel, our LeanK Triton kernel and the float32 torch reference agree on the same
    inputs (every layer's mask), and the same for the two dense kernels;
-2. times, per layer, our ``leank_decode`` and their ``leank_flashattn`` (each layer's own mask, as their benchmark
-   averages per layer), and once per shape our ``dense_decode``, their dense ``flashattn`` and every torch SDPA
-   backend. Every kernel is timed the same way: one call captured in a CUDA graph, each replay alone between CUDA
-   events after an L2 flush, median of many replays (so neither Python nor launch overhead is counted).
+2. times, per layer, our LeanK step (a ``LeanKDecoder`` built once per layer, one launch per call, as a decode
+   loop runs it) and their ``leank_flashattn`` (each layer's own mask; their benchmark averages per layer), and once
+   per shape our ``dense_decode``, their dense ``flashattn`` and every torch SDPA backend. Every kernel is timed
+   the same way: one call captured in a CUDA graph, each replay alone between CUDA events after an L2 flush,
+   median of many replays (so neither Python nor launch overhead is counted).
 
 Run on a CUDA machine with tilelang 0.1.15 importable, from the repository root:
 
@@ -44,9 +45,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from leank_ref.kernels import (
+    HeadGroups,
+    LeanKDecoder,
     dense_decode,
     dense_decode_reference,
-    leank_decode,
     leank_decode_reference,
     leank_layout_from_dense,
 )
@@ -420,6 +422,15 @@ def sdpa_methods() -> dict[str, Callable]:
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
+def leank_decoder(layer_keep: torch.Tensor, q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups):
+    """Our LeanK decode step for one layer, as a decode loop runs it: a LeanKDecoder built once, one launch a call."""
+    n_mid = groups[0].k.shape[2] if groups else 0
+    B, n_full = q.shape[0], k_full.shape[2]
+    dec = LeanKDecoder(HeadGroups.from_mask(layer_keep), B, H, q.dtype, q.device, n_full, n_mid)
+    mid_k, mid_v = [g.k for g in groups], [g.v for g in groups]
+    return lambda: dec(q, k_full, v_full, mid_k, mid_v, (n_full, n_mid))
+
+
 def bench_shape(B: int, N: int, keep: torch.Tensor, kernels: dict, check: bool, iters: int) -> dict:
     """One (B, N): correctness (if check) and times of every kernel; LeanK per layer."""
     gen = torch.Generator(device=DEVICE).manual_seed(1000 * B + N // 1024)
@@ -466,7 +477,8 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, kernels: dict, check: bool, 
     shared = True
     for layer in range(keep.shape[0]):
         k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT)
-        t, ours_out = graph_time(lambda: leank_decode(q, k_full, v_full, groups), iters)
+        ours = leank_decoder(keep[layer], q, k_full, v_full, groups)
+        t, ours_out = graph_time(lambda: ours(), iters)
         per_layer["ours_triton"].append(t)
         theirs = kernels.get(("leank", group_signature(groups)))
         if theirs is None:
@@ -497,7 +509,7 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, kernels: dict, check: bool, 
                     "ours_vs_fp32": diff(ours_out, ref),
                 }
             )
-        args = k_full = v_full = groups = ref = None  # free this layer's layout before the next
+        args = k_full = v_full = groups = ref = ours = None  # free this layer's layout before the next
     torch.cuda.empty_cache()
     if checks:
         res["leank_check"] = {
