@@ -66,3 +66,20 @@ def save_figure(fig, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
     return path
+
+
+def head_heatmap(ax, values, title: str, label: str, **imshow_kwargs):
+    """Draw a per-(layer, KV head) quantity ``values`` [L, G] as a heatmap, heads across, layers down."""
+    im = ax.imshow(values, aspect="auto", interpolation="nearest", **imshow_kwargs)
+    ax.set(xlabel="KV head", ylabel="layer", title=title)
+    ax.grid(False)
+    ax.figure.colorbar(im, ax=ax, label=label)
+    return im
+
+
+def training_curves(axes, records: list[dict], keys: tuple[str, ...], title: str = "") -> None:
+    """One panel per key of a training log (the ``.log.jsonl`` records ``python -m leank_ref train`` writes)."""
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes, keys):
+        ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
+        ax.set(xlabel="step", title=f"{title}{key}")

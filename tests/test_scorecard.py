@@ -1,0 +1,96 @@
+"""The scorecard: rows from result files, verdict rules, missing files, and the README's copy being current."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from leank_ref.scorecard import BEGIN, END, ROOT, replace_block, run_command, scorecard, scorecard_markdown
+
+
+def write_results(root: Path, k_saved: float, kernel: float, decode: float, ones: float, leank_acc: float) -> None:
+    """Minimal result files in the layout the benchmarks and the evaluation write."""
+    bench = root / "benchmarks" / "results"
+    bench.mkdir(parents=True)
+    (root / "results").mkdir()
+    mask = {"k_saved": k_saved, "v_saved": 0.17, "pruned_ratio": 0.69, "context": 32768, "sink": 128, "recent": 768}
+    decode_rows = [{"batch": 8, "context": 32768, "leank_speedup": decode, "leank_speedup_vs_ones": ones}]
+    provenance = {"device": "NVIDIA H200"}
+    (bench / "end_to_end.json").write_text(json.dumps({"mask": mask, "decode": decode_rows, "provenance": provenance}))
+    kernels = [{"B": 8, "N": 32768, "methods": {"leank_triton": {"speedup_vs_best_sdpa": kernel}}}]
+    (bench / "decode_kernels.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
+    summary = "task,method,ratio,budget,n,accuracy,acc_low,acc_high\n"
+    summary += "passkey,dense,0.0,none,60,0.80,0.7,0.9\n"
+    summary += f"passkey,leank,0.7,leank,60,{leank_acc},0.6,0.9\n"
+    (root / "results" / "eval_summary.csv").write_text(summary)
+
+
+def by_claim(rows, claim: str):
+    return [r for r in rows if r.claim == claim]
+
+
+def test_rows_reproduce_when_the_numbers_match_the_paper(tmp_path):
+    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
+    rows = scorecard(tmp_path)
+    measured = [r for r in rows if r.ours != "not measured"]
+    assert [r.verdict for r in measured] == ["yes"] * len(measured)
+    assert {r.claim for r in measured} == {
+        "K cache saved",
+        "V cache saved",
+        "attention kernel speed-up",
+        "decoding speed-up",
+        "accuracy held",
+    }
+    assert by_claim(rows, "attention kernel speed-up")[0].ours == "1.35x"
+    assert "one NVIDIA H200" in by_claim(rows, "decoding speed-up")[0].setting
+
+
+def test_rows_fail_when_the_numbers_fall_short(tmp_path):
+    write_results(tmp_path, k_saved=0.55, kernel=1.1, decode=1.2, ones=1.2, leank_acc=0.6)
+    rows = [r for r in scorecard(tmp_path) if r.ours != "not measured"]
+    verdicts = {r.claim: r.verdict for r in rows}
+    assert verdicts["K cache saved"].startswith("no")
+    assert verdicts["V cache saved"] == "yes"
+    assert verdicts["attention kernel speed-up"].startswith("no")
+    assert verdicts["decoding speed-up"].startswith("no")
+    assert verdicts["accuracy held"].startswith("no")
+
+
+def test_a_decoding_gain_not_due_to_pruning_is_only_partly_reproduced(tmp_path):
+    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=2.0, ones=0.9, leank_acc=0.78)
+    verdict = by_claim(scorecard(tmp_path), "decoding speed-up")[0].verdict
+    assert verdict.startswith("partly") and "1.11x" in verdict
+
+
+def test_missing_files_give_no_result_rows(tmp_path):
+    rows = scorecard(tmp_path)
+    assert rows and all(r.ours == "not measured" and r.verdict.startswith("no result") for r in rows)
+
+
+def test_replace_block_needs_markers():
+    with pytest.raises(ValueError, match="scorecard block"):
+        replace_block("no markers here", "| table |")
+    assert replace_block(f"a\n{BEGIN}\nold\n{END}\nb", "new") == f"a\n{BEGIN}\nnew\n{END}\nb"
+
+
+def test_check_and_write(tmp_path, capsys):
+    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{BEGIN}\nstale\n{END}\n")
+    args = dict(root=str(tmp_path), write=None, check=str(readme))
+    assert run_command(Namespace(**args)) == 1
+    assert run_command(Namespace(**{**args, "write": str(readme), "check": None})) == 0
+    assert run_command(Namespace(**args)) == 0
+    assert scorecard_markdown(tmp_path) in readme.read_text()
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    """The README's scorecard equals the one built from the result files now (refresh it with --write)."""
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme, "README.md has no scorecard block"
+    assert replace_block(readme, scorecard_markdown()) == readme, (
+        "README.md's scorecard is out of date: run python -m leank_ref scorecard --write README.md"
+    )
