@@ -1,33 +1,37 @@
-"""Whole-model decoding at Llama-3.1-8B size: dense transformers vs the LeanK cache + Triton kernel (issue 8).
+"""Whole-model decoding at Llama-3.1-8B size: dense baselines vs the LeanK cache, eager and as CUDA graphs.
 
-Run on a CUDA machine from the repository root (about 4 minutes on an H100):
+Run on a CUDA machine from the repository root (a few minutes on an H200):
 
-    python benchmarks/end_to_end.py --out DIR
+    python benchmarks/end_to_end.py --out DIR [--kernel-json DIR/decode_profile.json]
 
 The model is ``LlamaForCausalLM`` built from Llama-3.1-8B's configuration with random bf16 weights: no
 checkpoint is reachable offline, and the cost of attention, of the MLPs and the size of the cache do not
-depend on the weights' values (Llama-3's RoPE scaling is left out for the same reason). LeanK uses the
-authors' released Llama-3.1-8B mask with their deployment windows (sink 128, recent 768, block 128).
+depend on the weights' values. LeanK uses the authors' released Llama-3.1-8B mask with their deployment
+windows (sink 128, recent 768, block 128).
 
-What it does, in one process:
+Every shape B x N (B in {1, 8, 32}, N in {4K, 32K, 128K}, where the dense cache fits) is decoded in six modes,
+all in this one process, each on a cache filled with N random K/V tokens through the cache's own ``update``
+(what prefill does; decode cost does not depend on the values), then timed over greedy decode steps
+(wall clock per step, the GPU synchronised after each):
 
-1. correctness: after a real 1K-token prefill, LeanK with an all-ones mask must pick the same greedy tokens
-   as dense for 32 steps; with the real mask, one layer's Triton decode must match the torch reference path
-   (bf16 tolerance) on the cache that prefill built;
-2. prefill: one sequence of 8K and 32K tokens through the model (dense cache and LeanK cache), timed;
-3. decode throughput: for B x N in {1, 8, 32} x {8K, 32K} (what fits), each cache is filled with random K/V
-   of N tokens through the cache's own ``update`` (what prefill does; decode cost does not depend on the
-   values), then timed over greedy decode steps: new tokens/s = B / step time. Three variants: dense
-   (SDPA + transformers' default ``DynamicCache``), LeanK (released mask), and LeanK with an all-ones mask
-   (the same cache and kernel keeping every channel: separates the gain of pruning from the gain or loss of
-   the cache implementation). Peak GPU memory of each is recorded;
-4. largest batch in a fixed memory budget at 4K and 32K: peak memory is measured at two batch sizes, the
-   line through them gives the largest batch under the budget, and a run at that batch checks it fits;
-5. where the time goes: a ``torch.profiler`` trace of a few decode steps at B8 N32K, GPU time by kernel
-   family (attention, matmuls, cache copies, other) against the step's wall time.
+* ``dense_eager``: transformers' ``DynamicCache``, SDPA pinned to the flash backend. Flash needs no per-length
+  plan; transformers' default dispatch picks cuDNN here, which builds a new plan (tens of ms) for every new
+  KV length, i.e. every decode step, so it is not a fair baseline for growing lengths;
+* ``dense_graph``: transformers' ``StaticCache`` (preallocated to the final length), one decode step captured
+  as a CUDA graph and replayed (SDPA's own dispatch: the shapes never change under the graph);
+* ``leank_eager`` / ``leank_graph``: the LeanK cache with the released mask (Triton kernel), eager and as a
+  CUDA graph (``leank_ref.cache.CudaGraphDecoder``);
+* ``ones_eager`` / ``ones_graph``: the same LeanK cache and kernel with an all-ones mask, which keeps every
+  channel: the control that separates the effect of pruning from that of the cache and kernel.
 
-Everything goes to DIR/end_to_end.json with leank_ref.provenance. ``--cpu-check`` runs every part at tiny
-shapes on the CPU (torch decode path and Triton's interpreter) to check the script, without timing claims.
+Reported per mode: ms per step, new tokens/s (B / step time), peak GPU memory. Per context: the largest batch
+in a fixed memory budget, from the line through the measured peaks of two batch sizes. Per shape: the byte
+roofline of a whole step (weights + KV bytes one step must read, dense vs LeanK) and a ``headline`` block:
+``speedup_vs_best_dense`` (LeanK's best mode over the best dense mode), ``speedup_vs_all_ones`` (real mask over
+all-ones, in LeanK's best mode), and, from ``--kernel-json`` (``decode_profile.py``), ``kernel_speedup_graph``
+and ``kernel_speedup_eager`` (32 layers of attention alone, over the best SDPA backend). Everything goes to
+DIR/end_to_end.json with leank_ref.provenance. ``--cpu-check`` runs the eager modes at tiny shapes on the CPU
+(Triton's interpreter) to check the script, without timing claims.
 """
 
 from __future__ import annotations
@@ -39,17 +43,19 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from leank_ref.cache import apply_leank, cache_argument, memory_formula  # noqa: E402
-from leank_ref.decode import leank_decode_torch, leank_decode_triton  # noqa: E402
-from leank_ref.masks import load_mask, mask_stats  # noqa: E402
+from leank_ref import cache as leank_cache  # noqa: E402
+from leank_ref.cache import LeanKCache, memory_formula  # noqa: E402
+from leank_ref.masks import load_mask  # noqa: E402
+from leank_ref.models import cache_argument  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 
 LLAMA_31_8B = dict(
@@ -60,7 +66,7 @@ LLAMA_31_8B = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
     head_dim=128,
-    max_position_embeddings=131072,
+    max_position_embeddings=131072 + 1024,
     rope_theta=500000.0,
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
@@ -81,6 +87,9 @@ TINY = dict(
 MASK = "masks/reference/llama3.1-8b-instruct.pth"
 SINK, RECENT, BLOCK = 128, 768, 128
 GIB = 1 << 30
+MODES = ("dense_eager", "dense_graph", "leank_eager", "leank_graph", "ones_eager", "ones_graph")
+SHAPES = ((1, 4096), (8, 4096), (32, 4096), (1, 32768), (8, 32768), (1, 131072))
+HEADLINE = {"B1_N4K": (1, 4096), "B8_N32K": (8, 32768), "B1_N128K": (1, 131072)}
 
 
 def build_model(config: dict, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
@@ -103,172 +112,144 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """One greedy decode step [B, 1] -> [B, 1] on ``cache`` (the logits of the new token only)."""
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-    return out.logits[:, -1].argmax(-1, keepdim=True)
+def shape_name(batch: int, tokens: int) -> str:
+    """``B8_N32K``-style key."""
+    return f"B{batch}_N{tokens // 1024}K" if tokens >= 1024 else f"B{batch}_N{tokens}"
 
 
-def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt [B, P] into ``cache``; returns the first new token [B, 1]."""
-    return step(model, ids, cache)
+# ---------------------------------------------------------------------------------------------
+# Caches and steps
+# ---------------------------------------------------------------------------------------------
+def new_cache(model, mode: str, mask: torch.Tensor, windows: tuple[int, int, int], batch: int, max_tokens: int):
+    """An empty cache for ``mode``: DynamicCache, StaticCache, or a LeanK cache (real or all-ones mask)."""
+    if mode == "dense_eager":
+        return DynamicCache()
+    if mode == "dense_graph":
+        return StaticCache(config=model.config, max_cache_len=max_tokens)
+    sink, recent, block = windows
+    layer_mask = mask if mode.startswith("leank") else torch.ones_like(mask)
+    return LeanKCache(model, layer_mask, sink, recent, block, backend="triton", max_tokens=max_tokens)
 
 
-def fill(cache, model, batch: int, tokens: int, handle=None) -> None:
+def fill(cache, model, batch: int, tokens: int) -> None:
     """Put ``tokens`` random K/V tokens into every layer of ``cache`` through its ``update`` (as prefill does)."""
     cfg = model.config
     dtype, device = model.dtype, model.device
     gen = torch.Generator(device=device).manual_seed(1)
+    positions = torch.arange(tokens, device=device)
     for layer in range(cfg.num_hidden_layers):
         shape = (batch, cfg.num_key_value_heads, tokens, cfg.head_dim)
         k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-        cache.update(k, v, layer)
+        cache.update(k, v, layer, {"cache_position": positions})
         del k, v
-    if handle is not None:
-        handle.attention.pending = None  # no attention call follows these updates
+    unroute = getattr(leank_cache, "_unroute", None)
+    if unroute is not None:  # no attention call follows these updates: drop the route the last one set
+        unroute()
 
 
-def new_cache(kind: str, handles: dict, max_tokens: int):
-    return DynamicCache() if kind == "dense" else handles[kind].new_cache(max_tokens)
+def eager_step(model, cache, flash: bool):
+    """One greedy decode step ``[B, 1] -> logits [B, vocab]`` run eagerly (SDPA pinned to flash if asked)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    key = cache_argument(model)
+
+    def run(ids: torch.Tensor, position: int) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache})
+        return out.logits[:, -1]
+
+    return run
 
 
-def time_decode(model, kind: str, handles: dict, batch: int, tokens: int, steps: int, warmup: int, device: str):
-    """Fill a cache of ``kind`` with ``tokens`` tokens, then time ``steps`` greedy decode steps."""
-    handle = handles.get(kind)
-    _activate(handles, kind)
-    gc.collect()
+def capture_static_step(model, cache, batch: int, position: int):
+    """One decode step over transformers' ``StaticCache`` captured as a CUDA graph (static ids and position).
+
+    Without an attention mask transformers' static-cache decode attends over the whole preallocated length
+    (the few slots past the current position are still zeros): the cost of N + a few tokens, as in generate.
+    """
+    key = cache_argument(model)
+    ids_buf = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    pos_buf = torch.tensor([position], device="cuda")
+
+    def forward():
+        out = model(input_ids=ids_buf, cache_position=pos_buf, use_cache=True, logits_to_keep=1, **{key: cache})
+        return out.logits[:, -1]
+
+    # Warm-up on a side stream writes one token at `position` (overwritten by the first replay), then capture.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    for layer in cache.layers:  # the warm-up advanced the cache's own counter: step it back
+        if hasattr(layer, "cumulative_length") and isinstance(layer.cumulative_length, torch.Tensor):
+            layer.cumulative_length.sub_(1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = forward()
+
+    def run(ids: torch.Tensor, pos: int) -> torch.Tensor:
+        ids_buf.copy_(ids)
+        pos_buf.fill_(pos)
+        graph.replay()
+        return logits
+
+    return run
+
+
+def graph_step(model, cache, batch: int, position: int):
+    """One decode step captured as a CUDA graph: the library's ``CudaGraphDecoder`` when it has one."""
+    decoder_cls = getattr(leank_cache, "CudaGraphDecoder", None)
+    if decoder_cls is not None:
+        decoder = decoder_cls(model, cache, batch)
+        return lambda ids, pos: decoder.step(ids)
+    if isinstance(cache, StaticCache):
+        return capture_static_step(model, cache, batch, position)
+    raise RuntimeError("this version of leank_ref.cache has no CudaGraphDecoder: LeanK cannot be captured")
+
+
+def run_mode(model, mode: str, mask, windows, batch: int, tokens: int, steps: int, warmup: int, device: str) -> dict:
+    """Fill a cache of ``mode`` with ``tokens`` tokens, then time ``steps`` greedy decode steps."""
+    free_memory(device)
     if device == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = new_cache(kind, handles, tokens + warmup + steps + 1)
-    fill(cache, model, batch, tokens, handle)
+    cache = new_cache(model, mode, mask, windows, batch, tokens + warmup + steps + 2)
+    fill(cache, model, batch, tokens)
+    if mode.endswith("graph"):
+        step = graph_step(model, cache, batch, tokens)
+    else:
+        step = eager_step(model, cache, flash=mode == "dense_eager" and device == "cuda")
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position = tokens
+    first_logits = None
     for _ in range(warmup):
-        ids = step(model, ids, cache)
+        logits = step(ids, position)
+        if first_logits is None:
+            first_logits = logits[0].float().clone()
+        ids = logits.argmax(-1, keepdim=True)
+        position += 1
     sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        ids = step(model, ids, cache)
+        ids = step(ids, position).argmax(-1, keepdim=True)
         sync(device)
         times.append(time.perf_counter() - start)
+        position += 1
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     median = statistics.median(times)
-    del cache
+    del cache, step
+    free_memory(device)
     return {
         "step_ms": 1e3 * median,
+        "step_ms_p10_p90": [1e3 * sorted(times)[len(times) // 10], 1e3 * sorted(times)[(9 * len(times)) // 10]],
         "tokens_per_s": batch / median,
         "peak_gib": peak / GIB,
         "steps": steps,
         "warmup": warmup,
+        "_first_logits": first_logits,
     }
-
-
-def _activate(handles: dict, kind: str) -> None:
-    """Install the hook of ``kind`` (LeanK variants) or none (dense)."""
-    for name, handle in handles.items():
-        if name != kind:
-            handle.remove()
-    if kind in handles:
-        handles[kind].install()
-
-
-def check_correctness(model, handles: dict, device: str, prompt: int, steps: int) -> dict:
-    """All-ones LeanK greedy tokens vs dense; real-mask Triton vs torch decode on one layer."""
-    torch.manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
-    out = {}
-    tokens = {}
-    for kind in ("dense", "leank_ones"):
-        _activate(handles, kind)
-        cache = new_cache(kind, handles, prompt + steps + 1)
-        nxt = prefill(model, ids, cache)
-        seq = [nxt]
-        for _ in range(steps - 1):
-            nxt = step(model, nxt, cache)
-            seq.append(nxt)
-        tokens[kind] = torch.cat(seq, 1)[0].tolist()
-    same = sum(a == b for a, b in zip(tokens["dense"], tokens["leank_ones"]))
-    out["first_step_logits"] = first_step_logit_gap(model, handles, ids)
-    first_diff = next((i for i, (a, b) in enumerate(zip(tokens["dense"], tokens["leank_ones"])) if a != b), None)
-    out["all_ones_greedy"] = {
-        "steps": steps,
-        "same_tokens": same,
-        "first_difference": first_diff,
-        "dense": tokens["dense"],
-        "leank_ones": tokens["leank_ones"],
-    }
-    # Real mask: the cache after a prefill of `prompt` tokens plus a few decode steps, one layer, both paths.
-    _activate(handles, "leank")
-    cache = new_cache("leank", handles, prompt + 8)
-    nxt = prefill(model, ids, cache)
-    for _ in range(3):
-        nxt = step(model, nxt, cache)
-    handles["leank"].attention.pending = None
-    errors = []
-    for layer in cache.layers:
-        q = torch.randn(1, model.config.num_attention_heads, model.config.head_dim, device=device, dtype=model.dtype)
-        scaling = model.config.head_dim**-0.5
-        ref = leank_decode_torch(q, layer.keys, layer.values, layer.groups, scaling).float()
-        got = leank_decode_triton(q, layer.keys, layer.values, layer.groups, scaling).float()
-        errors.append(float((ref - got).abs().max()))
-    out["real_mask_triton_vs_torch"] = {
-        "max_abs_error_per_layer": errors,
-        "max_abs_error": max(errors),
-        "middle_tokens": cache.layers[0].middle,
-        "tolerance": 2e-2,
-    }
-    out["passed"] = same == steps and max(errors) <= 2e-2
-    return out
-
-
-def first_step_logit_gap(model, handles: dict, ids: torch.Tensor) -> dict:
-    """Logits of the first decode step (dense vs all-ones LeanK): largest difference, and dense's top-1 margin."""
-    logits = {}
-    for kind in ("dense", "leank_ones"):
-        _activate(handles, kind)
-        cache = new_cache(kind, handles, ids.shape[1] + 2)
-        nxt = prefill(model, ids, cache)
-        out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-        logits[kind] = out.logits[0, -1].float()
-    top2 = logits["dense"].topk(2).values
-    return {
-        "max_abs_difference": float((logits["dense"] - logits["leank_ones"]).abs().max()),
-        "dense_logit_std": float(logits["dense"].std()),
-        "dense_top1_margin": float(top2[0] - top2[1]),
-        "same_argmax": bool(logits["dense"].argmax() == logits["leank_ones"].argmax()),
-    }
-
-
-def time_prefill(model, handles: dict, tokens: int, device: str, repeats: int) -> dict:
-    """Seconds to prefill one sequence of ``tokens`` tokens into each kind of cache (median of ``repeats``)."""
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    result = {}
-    for kind in ("dense", "leank"):
-        _activate(handles, kind)
-        times = []
-        for _ in range(repeats):
-            cache = new_cache(kind, handles, tokens + 1)
-            sync(device)
-            start = time.perf_counter()
-            prefill(model, ids, cache)
-            sync(device)
-            times.append(time.perf_counter() - start)
-            del cache
-        result[kind] = {"seconds": statistics.median(times), "tokens": tokens}
-    return result
-
-
-def fits(model, kind, handles, batch, tokens, device) -> tuple[bool, float]:
-    """Whether a cache of ``batch`` x ``tokens`` plus two decode steps fits; and its peak memory (GiB)."""
-    try:
-        r = time_decode(model, kind, handles, batch, tokens, steps=1, warmup=1, device=device)
-        ok, peak = True, r["peak_gib"]
-    except torch.OutOfMemoryError:
-        ok, peak = False, float("nan")
-    free_memory(device)  # outside the except block: the traceback no longer holds the cache
-    return ok, peak
 
 
 def free_memory(device: str) -> None:
@@ -277,270 +258,244 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def cache_gib(model, mask: torch.Tensor, batch: int, tokens: int, sink: int, recent: int, block: int) -> float:
-    """GiB a cache of ``batch`` x ``tokens`` needs: dense for an all-ones mask, else LeanK's (memory_formula)."""
+# ---------------------------------------------------------------------------------------------
+# Bytes, budgets, headline
+# ---------------------------------------------------------------------------------------------
+def kv_bytes(model, mask: torch.Tensor | None, windows, batch: int, tokens: int) -> int:
+    """Bytes of K and V one decode step reads: the dense cache (mask None) or the whole LeanK cache."""
     cfg = model.config
-    if bool(mask.all()):
-        return (
-            2
-            * batch
-            * tokens
-            * cfg.num_hidden_layers
-            * cfg.num_key_value_heads
-            * cfg.head_dim
-            * model.dtype.itemsize
-            / GIB
-        )
-    return memory_formula(mask, tokens, sink, recent, block, batch, model.dtype.itemsize).total / GIB
+    if mask is None:
+        return 2 * batch * tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    sink, recent, block = windows
+    return memory_formula(mask, tokens, sink, recent, block, batch, 2).total
 
 
-def largest_batch(model, handles, tokens: int, budget_gib: float, probe: tuple[int, int], device: str) -> dict:
-    """Largest batch under ``budget_gib``: a line through peak memory at two batches, then checked by a run."""
-    result = {}
-    for kind in ("dense", "leank"):
-        (b1, b2) = probe
-        ok1, m1 = fits(model, kind, handles, b1, tokens, device)
-        ok2, m2 = fits(model, kind, handles, b2, tokens, device)
-        if not (ok1 and ok2):
-            result[kind] = {"error": f"probe batches {probe} do not fit"}
+def step_roofline(model, mask, windows, batch: int, tokens: int, copy_gbps: float | None) -> dict:
+    """Bytes a whole decode step must read (weights except the embedding table, plus KV), dense vs LeanK."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    dense = weights + kv_bytes(model, None, windows, batch, tokens)
+    leank = weights + kv_bytes(model, mask, windows, batch, tokens)
+    out = {"weight_bytes": weights, "dense_bytes": dense, "leank_bytes": leank, "speedup": dense / leank}
+    if copy_gbps:
+        out["dense_floor_ms"] = dense / copy_gbps / 1e6
+        out["leank_floor_ms"] = leank / copy_gbps / 1e6
+    return out
+
+
+def copy_bandwidth(device: str, n_bytes: int = 4 << 30) -> float | None:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), the ceiling for a memory-bound step."""
+    if device != "cuda":
+        return None
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del src, dst
+    free_memory(device)
+    return 2 * n_bytes / statistics.median(times) / 1e6
+
+
+def largest_batch(rows: list[dict], tokens: int, budget_gib: float) -> dict:
+    """Per mode, the largest batch under ``budget_gib``: the line through the peak memory of two measured batches."""
+    at = {r["batch"]: r for r in rows if r["context"] == tokens}
+    batches = sorted(at)
+    out = {"budget_gib": budget_gib, "context": tokens, "method": "line through measured peaks, not run"}
+    if len(batches) < 2:
+        return {**out, "error": "fewer than two batch sizes measured at this context"}
+    b1, b2 = batches[0], batches[-1]
+    for mode in MODES:
+        r1, r2 = at[b1].get(mode, {}), at[b2].get(mode, {})
+        if "peak_gib" not in r1 or "peak_gib" not in r2:
             continue
-        per_seq = (m2 - m1) / (b2 - b1)
-        fixed = m1 - per_seq * b1
-        predicted = int((budget_gib - fixed) // per_seq)
-        ok, peak = fits(model, kind, handles, predicted, tokens, device)
-        while not ok and predicted > 1:  # the line was optimistic: step down until it fits
-            predicted -= 1
-            ok, peak = fits(model, kind, handles, predicted, tokens, device)
-        result[kind] = {
-            "probe_batches": list(probe),
-            "probe_peak_gib": [m1, m2],
+        per_seq = (r2["peak_gib"] - r1["peak_gib"]) / (b2 - b1)
+        fixed = r1["peak_gib"] - per_seq * b1
+        out[mode] = {
+            "probe_batches": [b1, b2],
             "gib_per_sequence": per_seq,
             "fixed_gib": fixed,
-            "largest_batch": predicted,
-            "checked_peak_gib": peak,
-            "checked_fits": ok and peak <= budget_gib + 0.5,
+            "largest_batch": int((budget_gib - fixed) // per_seq) if per_seq > 0 else None,
         }
-    if "largest_batch" in result.get("dense", {}) and "largest_batch" in result.get("leank", {}):
-        result["ratio"] = result["leank"]["largest_batch"] / result["dense"]["largest_batch"]
-    return result
+    return out
 
 
-def profile_steps(model, handles: dict, batch: int, tokens: int, steps: int, device: str) -> dict:
-    """GPU time per kernel family over ``steps`` decode steps, for dense and LeanK."""
-    from torch.profiler import ProfilerActivity, profile
+def headline(rows: list[dict], kernel: dict | None) -> dict:
+    """The summary numbers per shape (see the module docstring)."""
+    out = {}
+    for r in rows:
+        name = shape_name(r["batch"], r["context"])
+        ms = {m: r[m]["step_ms"] for m in MODES if "step_ms" in r.get(m, {})}
+        entry = {}
+        dense = {m: ms[m] for m in ("dense_eager", "dense_graph") if m in ms}
+        leank = {m: ms[m] for m in ("leank_eager", "leank_graph") if m in ms}
+        if dense and leank:
+            best_dense = min(dense, key=dense.get)
+            best_leank = min(leank, key=leank.get)
+            entry["best_dense_mode"], entry["best_leank_mode"] = best_dense, best_leank
+            entry["speedup_vs_best_dense"] = dense[best_dense] / leank[best_leank]
+            ones = best_leank.replace("leank", "ones")
+            if ones in ms:
+                entry["speedup_vs_all_ones"] = ms[ones] / leank[best_leank]
+        for mode in ("eager", "graph"):
+            if f"leank_{mode}" in ms and f"ones_{mode}" in ms:
+                entry[f"speedup_vs_all_ones_{mode}"] = ms[f"ones_{mode}"] / ms[f"leank_{mode}"]
+            if f"leank_{mode}" in ms and f"dense_{mode}" in ms:
+                entry[f"speedup_vs_dense_{mode}"] = ms[f"dense_{mode}"] / ms[f"leank_{mode}"]
+        if kernel is not None:
+            for k in kernel.get("results", []):
+                if (k["B"], k["N"]) == (r["batch"], r["context"]):
+                    entry["kernel_speedup_graph"] = k.get("kernel_speedup_graph")
+                    entry["kernel_speedup_eager"] = k.get("kernel_speedup_eager")
+        entry["byte_roofline_speedup"] = r["roofline"]["speedup"]
+        out[name] = entry
+    return out
 
-    families = {
-        "attention": ("flash", "fmha", "attention", "decode", "_merge", "sdpa", "cudnn", "leank", "_dense_partial"),
-        "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"),
-        "cache_copy": ("cat", "copy", "index", "gather", "scatter", "fill"),
-    }
-    result = {}
-    for kind in ("dense", "leank"):
-        _activate(handles, kind)
-        cache = new_cache(kind, handles, tokens + steps + 4)
-        fill(cache, model, batch, tokens, handles.get(kind))
-        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        ids = step(model, ids, cache)
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                ids = step(model, ids, cache)
-            sync(device)
-            wall = time.perf_counter() - start
-        by_family = {name: 0.0 for name in (*families, "other")}
-        kernels = {}
-        for event in prof.key_averages():
-            gpu_us = getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0)
-            if not gpu_us or event.device_type.name != "CUDA":
+
+TARGETS = {
+    "speedup_vs_best_dense": {"B8_N32K": 1.3, "*": 1.0},
+    "speedup_vs_all_ones": {"B8_N32K": 1.2},
+    "kernel_speedup_graph": {"B8_N32K": 1.5, "B1_N128K": 1.5, "B1_N4K": 1.0},
+    "kernel_speedup_eager": {"*": 1.0},
+}
+
+
+def check_targets(head: dict) -> list[dict]:
+    """Each target, met or missed, with the measured number (reported, never asserted)."""
+    rows = []
+    for metric, goals in TARGETS.items():
+        for shape, entry in head.items():
+            goal = goals.get(shape, goals.get("*"))
+            if goal is None or entry.get(metric) is None:
                 continue
-            name = event.key.lower()
-            family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
-            by_family[family] += gpu_us / 1e3 / steps
-            kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + gpu_us / 1e3 / steps
-        top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
-        result[kind] = {
-            "wall_ms_per_step": 1e3 * wall / steps,
-            "gpu_ms_per_step": by_family,
-            "gpu_busy_ms_per_step": sum(by_family.values()),
-            "top_kernels_ms_per_step": top,
-        }
-        del cache
-    return result
+            rows.append(
+                {"shape": shape, "metric": metric, "value": entry[metric], "target": goal, "met": entry[metric] >= goal}
+            )
+    return rows
 
 
-def setup(cpu: bool, dtype: torch.dtype):
-    """The model, its mask, windows and the LeanK handles (real mask, all-ones) for a run."""
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def setup(cpu: bool):
+    """The model, its mask and windows for a run (tiny and float32 for the CPU check)."""
     device = "cpu" if cpu else "cuda"
-    model = build_model(TINY if cpu else LLAMA_31_8B, dtype, device)
+    model = build_model(TINY if cpu else LLAMA_31_8B, torch.float32 if cpu else torch.bfloat16, device)
     cfg = model.config
     if cpu:
         gen = torch.Generator().manual_seed(0)
         scores = torch.rand(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, generator=gen)
         counts = torch.tensor([[0, 16], [32, 64]])[: cfg.num_hidden_layers]
         mask = torch.zeros_like(scores)
-        for l in range(cfg.num_hidden_layers):
+        for layer in range(cfg.num_hidden_layers):
             for g in range(cfg.num_key_value_heads):
-                mask[l, g, scores[l, g].topk(int(counts[l, g])).indices] = 1
-        windows = (4, 16, 8, 16)
-    else:
-        mask = load_mask(MASK)
-        windows = (SINK, RECENT, BLOCK, 32)
-    sink, recent, block, align = windows
-    handles = {
-        "leank": apply_leank(model, mask, sink, recent, block, align=align, backend="triton"),
-        "leank_ones": apply_leank(model, torch.ones_like(mask), sink, recent, block, align=align, backend="triton"),
-    }
-    for h in handles.values():
-        h.remove()
-    return model, mask, windows, handles
-
-
-def correctness_only(args) -> int:
-    """The correctness checks in float32 (exact products in the kernels) and in bfloat16, one model at a time."""
-    cpu = args.cpu_check
-    device = "cpu" if cpu else "cuda"
-    result = {
-        "benchmark": "end_to_end_correctness",
-        "provenance": provenance(device),
-        "cpu_check": cpu,
-        "model": "tiny (cpu check)" if cpu else "Llama-3.1-8B config, random weights",
-        "windows": dict(
-            zip(("sink", "recent", "block", "align"), (4, 16, 8, 16) if cpu else (SINK, RECENT, BLOCK, 32))
-        ),
-    }
-    dtypes = (torch.float32,) if cpu else (torch.float32, torch.bfloat16)
-    for dtype in dtypes:
-        model, mask, windows, handles = setup(cpu, dtype)
-        check = check_correctness(model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32)
-        result[str(dtype).removeprefix("torch.")] = check
-        print(
-            dtype,
-            json.dumps({k: v for k, v in check.items() if k != "all_ones_greedy"}),
-            "same tokens",
-            check["all_ones_greedy"]["same_tokens"],
-            flush=True,
-        )
-        del model, handles
-        free_memory(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "end_to_end_correctness.json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+                mask[layer, g, scores[layer, g].topk(int(counts[layer, g])).indices] = 1
+        return model, mask, (4, 16, 8)
+    return model, load_mask(MASK), (SINK, RECENT, BLOCK)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for end_to_end.json")
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
-    parser.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768])
-    parser.add_argument("--budget-gib", type=float, default=70.0, help="memory budget for the largest-batch search")
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
+    parser.add_argument("--shapes", nargs="*", default=[f"{b}x{n}" for b, n in SHAPES], help="BxN, e.g. 8x32768")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--kernel-json", type=Path, help="decode_profile.json of the same commit (kernel speed-ups)")
+    parser.add_argument("--budget-gib", type=float, default=80.0, help="memory budget for the largest batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per mode")
     parser.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU, to check the script")
-    parser.add_argument(
-        "--correctness-only",
-        action="store_true",
-        help="only the correctness checks, in float32 and bfloat16 -> end_to_end_correctness.json",
-    )
     args = parser.parse_args()
-    if args.correctness_only:
-        return correctness_only(args)
-
     cpu = args.cpu_check
     device = "cpu" if cpu else "cuda"
     if not cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on a GPU machine, or pass --cpu-check for a logic check on CPU")
-    dtype = torch.float32 if cpu else torch.bfloat16
-    model, mask, (sink, recent, block, _), handles = setup(cpu, dtype)
-    backend = "triton"
+    model, mask, windows = setup(cpu)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    total_gib = torch.cuda.get_device_properties(0).total_memory / GIB if not cpu else float("inf")
+    copy_gbps = copy_bandwidth(device)
     result = {
         "benchmark": "end_to_end",
         "provenance": provenance(device),
         "model": {
-            "config": "Llama-3.1-8B (random bf16 weights)" if not cpu else "tiny (cpu check)",
-            **{k: v for k, v in (TINY if cpu else LLAMA_31_8B).items()},
+            "config": "tiny (cpu check)" if cpu else "Llama-3.1-8B (random bf16 weights)",
+            **model.config.to_diff_dict(),
         },
-        "mask": {"path": None if cpu else MASK, **mask_stats(mask, 32768, sink, recent).__dict__},
-        "windows": {"sink": sink, "recent": recent, "block": block},
-        "backend": backend,
+        "mask": None if cpu else MASK,
+        "kept_fraction": float(mask.mean()),
+        "windows": dict(zip(("sink", "recent", "block"), windows)),
+        "weights_gib": weights_gib,
+        "copy_GBps": copy_gbps,
+        "timing": "wall clock per greedy decode step (GPU synchronised after each), median of --steps steps after "
+        "warm-up; eager = launched from Python, graph = one captured step replayed",
         "cpu_check": cpu,
     }
-    result["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB if not cpu else 0.0
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
-    result["weights_gib"] = weights_gib
+    kernel = json.loads(args.kernel_json.read_text()) if args.kernel_json and args.kernel_json.exists() else None
+    if kernel is not None:
+        result["kernel_json"] = {"path": str(args.kernel_json), "git_commit": kernel.get("git_commit")}
 
     def save():
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "end_to_end.json").write_text(json.dumps(result, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    result["correctness"] = check_correctness(
-        model, handles, device, prompt=64 if cpu else 1024, steps=8 if cpu else 32
-    )
-    print(
-        "correctness",
-        json.dumps({k: v for k, v in result["correctness"].items() if k != "all_ones_greedy"}),
-        "same tokens",
-        result["correctness"]["all_ones_greedy"]["same_tokens"],
-        flush=True,
-    )
-    save()
-    result["prefill"] = {
-        str(n): time_prefill(model, handles, n, device, repeats=1 if cpu else 2)
-        for n in ([48] if cpu else [8192, 32768])
-    }
-    print("prefill", result["prefill"], flush=True)
-    save()
-
-    batches = [1, 2] if cpu else args.batches
-    contexts = [40, 72] if cpu else args.contexts
-    decode = []
-    for n in contexts:
-        for b in batches:
-            row = {"batch": b, "context": n}
-            for kind in ("dense", "leank", "leank_ones"):
-                need = cache_gib(model, mask if kind == "leank" else torch.ones_like(mask), b, n, sink, recent, block)
-                if not cpu and need + weights_gib > result["gpu_total_gib"]:
-                    row[kind] = {"skipped": f"cache {need:.0f} GiB + weights {weights_gib:.0f} GiB exceed the GPU"}
-                    continue
-                try:
-                    row[kind] = time_decode(
-                        model,
-                        kind,
-                        handles,
-                        b,
-                        n,
-                        steps=2 if cpu else args.steps,
-                        warmup=1 if cpu else 3,
-                        device=device,
-                    )
-                except torch.OutOfMemoryError:
-                    row[kind] = {"error": "out of memory"}
-                free_memory(device)
-            if "step_ms" in row["dense"] and "step_ms" in row["leank"]:
-                row["leank_speedup"] = row["dense"]["step_ms"] / row["leank"]["step_ms"]
-            if "step_ms" in row["leank_ones"] and "step_ms" in row["leank"]:
-                row["leank_speedup_vs_ones"] = row["leank_ones"]["step_ms"] / row["leank"]["step_ms"]
-            decode.append(row)
-            print("decode", json.dumps(row), flush=True)
-            result["decode"] = decode
-            save()
-
-    if not cpu:
-        result["largest_batch"] = {
-            "budget_gib": args.budget_gib,
-            "4096": largest_batch(model, handles, 4096, args.budget_gib, (8, 32), device),
-            "32768": largest_batch(model, handles, 32768, args.budget_gib, (1, 4), device),
+    shapes = [(2, 40), (1, 72)] if cpu else [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    rows = []
+    for batch, tokens in shapes:
+        row = {
+            "batch": batch,
+            "context": tokens,
+            "roofline": step_roofline(model, mask, windows, batch, tokens, copy_gbps),
         }
-        print("largest batch", json.dumps(result["largest_batch"]), flush=True)
+        dense_gib = kv_bytes(model, None, windows, batch, tokens + 64) / GIB
+        for mode in args.modes:
+            if mode.endswith("graph") and cpu:
+                row[mode] = {"skipped": "CUDA graphs need a GPU"}
+                continue
+            if dense_gib + weights_gib + 4 > total_gib:  # every mode runs at a shape only if dense fits
+                row[mode] = {"skipped": f"dense cache {dense_gib:.0f} GiB + weights {weights_gib:.0f} GiB do not fit"}
+                continue
+            try:
+                row[mode] = run_mode(
+                    model, mode, mask, windows, batch, tokens, 2 if cpu else args.steps, 2 if cpu else 3, device
+                )
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # recorded, the other modes still run
+                row[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                free_memory(device)
+            shown = {k: v for k, v in row[mode].items() if not k.startswith("_")}
+            print(f"{shape_name(batch, tokens)} {mode}: {json.dumps(shown)}", flush=True)
+        # Graph vs eager on the same cache contents: the first step's logits (same weights, same filled cache).
+        for kind in ("dense", "leank", "ones"):
+            a, b = row.get(f"{kind}_eager", {}), row.get(f"{kind}_graph", {})
+            if a.get("_first_logits") is not None and b.get("_first_logits") is not None:
+                row[f"{kind}_graph_vs_eager_first_logits_max_abs"] = float(
+                    (a["_first_logits"] - b["_first_logits"]).abs().max()
+                )
+        for mode in MODES:
+            row.get(mode, {}).pop("_first_logits", None)
+        rows.append(row)
+        result["decode"] = rows
+        result["headline"] = headline(rows, kernel)
         save()
-    result["profile"] = {
-        "batch": 2 if cpu else 8,
-        "context": 72 if cpu else 32768,
-        **profile_steps(model, handles, 2 if cpu else 8, 72 if cpu else 32768, 2 if cpu else 5, device),
-    }
-    print("profile", json.dumps(result["profile"]), flush=True)
+    result["largest_batch"] = {str(n): largest_batch(rows, n, args.budget_gib) for n in sorted({n for _, n in shapes})}
+    result["headline"] = headline(rows, kernel)
+    result["targets"] = check_targets(result["headline"])
     result["seconds"] = time.perf_counter() - t0
     save()
+    print(f"\n{'shape':>10} " + " ".join(f"{m:>12}" for m in MODES) + f" {'vs dense':>9} {'vs ones':>8} {'roof':>6}")
+    for r in rows:
+        h = result["headline"][shape_name(r["batch"], r["context"])]
+        cells = " ".join(f"{r[m]['step_ms']:12.2f}" if "step_ms" in r.get(m, {}) else f"{'-':>12}" for m in MODES)
+        print(
+            f"{shape_name(r['batch'], r['context']):>10} {cells} {h.get('speedup_vs_best_dense', float('nan')):9.2f} "
+            f"{h.get('speedup_vs_all_ones', float('nan')):8.2f} {h['byte_roofline_speedup']:6.2f}"
+        )
+    for t in result["targets"]:
+        verdict = "met" if t["met"] else "not met"
+        print(f"target {t['metric']} at {t['shape']}: {t['value']:.2f} (>= {t['target']}) {verdict}")
     return 0
 
 
