@@ -19,8 +19,21 @@ SPEC section 3 with the *effective* recent window ``recent + (t + 1 - sink - rec
 (exactly ``recent`` when ``block = 1``). The tests compare against ``SimulatedLeanK`` with that window.
 
 No weight is touched: the kept channels are gathered from the post-RoPE keys at compaction, and from
-the query at decode, so RoPE needs no permutation. :func:`apply_leank` installs the decode hook
-(undoable) and hands out caches for ``model.generate``.
+the query at decode, so RoPE needs no permutation.
+
+Two ways in, both with the same cache:
+
+* ``with apply_leank(model, mask) as lk:``: inside the block every ``model.generate(...)`` and every forward
+  pass that would start a new cache gets a fresh :class:`LeanKCache` (``lk.cache`` is the last one); passing a
+  cache of another kind raises. Creating the handle changes nothing; leaving the block restores the model.
+* ``model.generate(ids, past_key_values=LeanKCache(model, mask))``: the cache on its own, as with any
+  transformers cache (``cache=`` on transformers >= 5.2x, see :func:`~leank_ref.models.cache_argument`).
+
+A cache brings its own decode path. Transformers calls ``cache.update`` right before it looks up the
+attention function; the update points this one attention call at the cache's
+:class:`~leank_ref.decode.LeanKAttention` (ordinary attention at prefill, LeanK decode attention after it),
+which puts the model's own attention setting back before it computes anything. So the model never stays
+changed, and caches of different masks can be used side by side.
 
 Storage is preallocated, never concatenated per token: the full window lives in a buffer of
 ``sink + recent + block`` tokens (a new token is one copy; a compaction shifts the recent part once per
@@ -31,29 +44,54 @@ Batches: prompts of equal length only; padded batches raise ``NotImplementedErro
 
 from __future__ import annotations
 
-import inspect
+import functools
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import use_hook, zero_head_rule
+from .attention import ATTN_NAME, zero_head_rule
 from .decode import LeanKAttention
-from .layout import MiddleGroup
+from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows
 from .masks import check_align, kept_counts, validate_mask
-from .models import check_supported, model_facts
+from .models import cache_argument, check_supported, model_facts
 
-MIN_TRITON_KEPT = 16  # the Triton kernel's tl.dot needs kept counts in multiples of 16
+__all__ = ["LeanKCache", "LeanKHandle", "MemoryReport", "apply_leank", "cache_argument", "memory_formula"]
+
+CACHE_ATTENTION = "leank_cache"  # the attention function one LeanK cache update routes its layer's call to
+ATTENTIONS = (None, "sdpa", "eager", ATTN_NAME)  # model attention settings whose masks the prefill path reads
+_ROUTES: list[tuple[LeanKLayer, object, str | None]] = []  # (layer, config, the config's own attention setting)
 
 
-def check_windows(sink: int, recent: int, block: int) -> None:
-    """Raise unless sink >= 0, recent >= 1 (a query always sees itself) and block >= 1."""
-    if sink < 0 or recent < 1 or block < 1:
-        raise ValueError(
-            f"sink={sink}, recent={recent}, block={block}: need sink >= 0, recent >= 1 (the query's own token is "
-            "recent) and block >= 1 (tokens compacted at a time); SmolLM2 defaults are sink=16, recent=64, block=32."
-        )
+def _route(layer: LeanKLayer, config) -> None:
+    """Point the next attention call of ``config``'s model at ``layer``'s LeanK attention (called by its update)."""
+    _unroute()  # a route no attention call consumed (an update made outside a forward pass)
+    _ROUTES.append((layer, config, config._attn_implementation))
+    config._attn_implementation = CACHE_ATTENTION
+
+
+def _unroute() -> LeanKLayer | None:
+    """Restore the model's attention setting; return the layer that was routed (None if none was)."""
+    if not _ROUTES:
+        return None
+    layer, config, previous = _ROUTES.pop()
+    config._attn_implementation = previous
+    return layer
+
+
+def _cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: restore the model's setting, then run the routed layer's attention."""
+    layer = _unroute()
+    if layer is None:
+        raise RuntimeError(f"attention '{CACHE_ATTENTION}' runs only right after a LeanKCache update; use 'sdpa'.")
+    return layer.attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs), None
+
+
+AttentionInterface.register(CACHE_ATTENTION, _cache_attention)
+AttentionMaskInterface.register(CACHE_ATTENTION, sdpa_mask)
 
 
 def middle_length(tokens: int, sink: int, recent: int, block: int) -> int:
@@ -64,26 +102,6 @@ def middle_length(tokens: int, sink: int, recent: int, block: int) -> int:
 def effective_recent(tokens: int, sink: int, recent: int, block: int) -> int:
     """The recent window (full-K tokens after the sink) the newest of ``tokens`` cached tokens sees."""
     return tokens - min(tokens, sink) - middle_length(tokens, sink, recent, block)
-
-
-@dataclass(frozen=True)
-class HeadGroups:
-    """One layer's heads grouped by kept count ``c > 0``: KV heads [Gc] and their kept channels [Gc, c]."""
-
-    kv_heads: tuple[torch.Tensor, ...]
-    channels: tuple[torch.Tensor, ...]
-
-    @classmethod
-    def from_mask(cls, layer_mask: torch.Tensor) -> HeadGroups:
-        """Group the heads of a 0/1 layer mask [G, D]; zero-count heads (deployed rule) get no group."""
-        counts = kept_counts(layer_mask)  # [G]
-        stores_middle = ~zero_head_rule(layer_mask)  # [G]
-        heads, channels = [], []
-        for c in sorted({int(n) for n in counts[stores_middle]}):
-            idx = torch.nonzero(stores_middle & (counts == c)).flatten()  # [Gc]
-            heads.append(idx)
-            channels.append(torch.stack([torch.nonzero(layer_mask[g] > 0).flatten() for g in idx.tolist()]))
-        return cls(tuple(heads), tuple(channels))
 
 
 class LeanKLayer(CacheLayerMixin):
@@ -101,11 +119,13 @@ class LeanKLayer(CacheLayerMixin):
         recent: int,
         block: int,
         attention: LeanKAttention,
+        config,
         max_tokens: int | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads = heads
+        self.heads = heads  # HeadGroups.from_mask(mask[layer]): kv_heads [Gc], channels [Gc, c] per kept count c > 0
+        self.config = config  # the model's config, whose attention setting each update routes
         self.sink, self.recent, self.block = sink, recent, block
         self.attention = attention
         self.max_tokens = max_tokens
@@ -166,13 +186,6 @@ class LeanKLayer(CacheLayerMixin):
         self.middle += n
 
     # -- the Cache protocol ---------------------------------------------------------------------------
-    def _check_bound(self) -> None:
-        if not self.attention.active:
-            raise RuntimeError(
-                "This LeanKCache is not attached to an active model: get it from apply_leank(model, mask) and use it "
-                "while that handle is installed (its decode steps need the LeanK attention hook)."
-            )
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store new tokens [B, G, T, D]; return the K/V the attention of this step sees (see ``LeanKAttention``).
 
@@ -193,10 +206,9 @@ class LeanKLayer(CacheLayerMixin):
                 f"batch size {key_states.shape[0]} does not match the cache's {self._kv_full.shape[1]}: "
                 "use a new cache."
             )
-        self._check_bound()
-        self.attention.pending = (self, prefill)
         if prefill:
             self._prefill(key_states, value_states)
+            self._announce(prefill)
             return key_states, value_states
         self._kv_full[0, :, :, self.n_full] = key_states[:, :, 0]
         self._kv_full[1, :, :, self.n_full] = value_states[:, :, 0]
@@ -209,7 +221,13 @@ class LeanKLayer(CacheLayerMixin):
             kv[:, :, :, s : self.n_full - n] = kv[:, :, :, s + n : self.n_full].clone()  # shift the recent part
             self.n_full -= n
         self._refresh_views(middle=n > 0)
+        self._announce(prefill)
         return self.keys, self.values
+
+    def _announce(self, prefill: bool) -> None:
+        """Hand this layer to its LeanK attention and route the model's next attention call to it."""
+        self.attention.pending = (self, prefill)
+        _route(self, self.config)
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt k, v [B, G, P, D]: its middle blocks straight into the middle store, the rest in full."""
@@ -336,31 +354,62 @@ class MemoryReport:
         """Share of the dense V bytes saved."""
         return 1.0 - self.v / self.dense_v if self.dense_v else 0.0
 
+    def __str__(self) -> str:
+        mib = 2.0**20
+        return (
+            f"LeanK cache of {self.tokens} tokens ({self.middle_tokens} of them in the pruned middle store): "
+            f"K {self.k / mib:.2f} MiB + V {self.v / mib:.2f} MiB = {self.total / mib:.2f} MiB; a dense cache: "
+            f"{self.dense_total / mib:.2f} MiB (K {self.k_saved:.0%} smaller, V {self.v_saved:.0%} smaller)"
+        )
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 class LeanKCache(Cache):
-    """A transformers ``Cache`` of :class:`LeanKLayer` objects for ``generate`` (see :meth:`LeanKHandle.generate`).
+    """A transformers ``Cache`` that prunes K channels of middle tokens: ``model.generate(ids, past_key_values=cache)``.
 
-    ``max_tokens`` (prompt + new tokens) reserves the middle store up front, so it never grows during decoding.
+    ``model``: the model the cache serves (or its config; only shapes and the attention setting are read).
+    ``mask`` [L, G, D]: 0/1 kept K channels, counts multiples of ``align`` (default head_dim // 4). ``sink``,
+    ``recent``, ``block``: the windows (SmolLM2 defaults; the authors deploy 128, 768, 128). ``backend``:
+    ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA). ``max_tokens`` (prompt + new tokens) reserves the
+    middle store up front, so it never grows while decoding. One cache serves one sequence batch; start a new
+    one for the next prompt.
     """
 
     def __init__(
         self,
+        model,
         mask: torch.Tensor,
-        sink: int,
-        recent: int,
-        block: int,
-        attention: LeanKAttention,
+        sink: int = 16,
+        recent: int = 64,
+        block: int = 32,
+        *,
+        align: int | None = None,
+        backend: str = "auto",
         max_tokens: int | None = None,
     ):
+        config = getattr(model, "config", model)
+        check_supported(config)
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("models with sliding-window attention are not supported by the LeanK cache; disable it.")
+        if config._attn_implementation not in ATTENTIONS:
+            raise ValueError(
+                f"the model's attention is '{config._attn_implementation}'; the LeanK cache reads the masks of "
+                "'sdpa' or 'eager': call model.set_attn_implementation('sdpa') (load_model does)."
+            )
+        facts = model_facts(config)
+        align = facts.head_dim // 4 if align is None else align
+        check_align(align, facts.head_dim)
         check_windows(sink, recent, block)
-        mask = validate_mask(mask)
-        self.mask, self.sink, self.recent, self.block = mask, sink, recent, block
+        self.attention = LeanKAttention(backend)
+        if backend == "triton" and align % MIN_KEPT:
+            raise ValueError(f"backend='triton' needs align to be a multiple of {MIN_KEPT}; got align={align}.")
+        mask = validate_mask(torch.as_tensor(mask), facts.mask_shape, align).cpu()
+        self.mask, self.sink, self.recent, self.block, self.align = mask, sink, recent, block, align
         layers = [
-            LeanKLayer(i, HeadGroups.from_mask(mask[i]), sink, recent, block, attention, max_tokens)
+            LeanKLayer(i, HeadGroups.from_mask(mask[i]), sink, recent, block, self.attention, config, max_tokens)
             for i in range(mask.shape[0])
         ]
         super().__init__(layers=layers)
@@ -418,75 +467,150 @@ def memory_formula(
     return MemoryReport(tokens, middle, full, full, middle_k, middle_v, dense, dense, dense_middle, dense_middle)
 
 
-def cache_argument(model) -> str:
-    """The keyword ``generate`` takes a cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+_ACTIVE: weakref.WeakKeyDictionary[object, list[LeanKHandle]] = weakref.WeakKeyDictionary()  # model -> handles
 
 
-_INSTALLED: weakref.WeakKeyDictionary[object, LeanKHandle] = weakref.WeakKeyDictionary()  # model -> its handle
+def _cache_given(kwargs: dict) -> tuple[str | None, object]:
+    """(keyword, cache) of the cache a caller passed, by either of transformers' names (None, None if none)."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
 
 
-@dataclass
+def _check_leank(cache, where: str) -> None:
+    if not isinstance(cache, LeanKCache):
+        raise ValueError(
+            f"{where} got a {type(cache).__name__} inside apply_leank: it would run dense attention. Pass no cache "
+            "(a LeanK cache is made for you) or a LeanKCache, or leave the `with apply_leank(...)` block first."
+        )
+
+
+@dataclass(eq=False)  # handles compare by identity
 class LeanKHandle:
-    """LeanK applied to a model: the decode hook (installed until :meth:`remove`) and caches for ``generate``.
+    """LeanK for a model, active inside ``with``: ``with apply_leank(model, mask) as lk: model.generate(...)``.
 
-    ``with apply_leank(model, mask) as lk: out = lk.generate(ids, max_new_tokens=64)``; after the block (or
-    ``lk.remove()``) the model is dense again. One handle is installed per model at a time: installing another
-    removes the previous one (whose caches then refuse to decode until it is reinstalled). ``lk.cache`` is the
-    cache of the last :meth:`generate` (for :meth:`LeanKCache.memory_report`); ``lk.new_cache(max_tokens)`` gives
-    a fresh one to pass to ``model.generate`` yourself, by the keyword :func:`cache_argument` names.
+    Inside the block ``model.generate`` and every forward pass that would start a new cache (``use_cache`` on, no
+    cache given) get a fresh :class:`LeanKCache` with this handle's settings; ``lk.cache`` is the last one (for
+    :meth:`LeanKCache.memory_report`). Passing another kind of cache raises, and so does ``generate`` with
+    ``use_cache=False``: nothing inside the block decodes densely by accident. A forward pass without any cache
+    is ordinary attention, which is also what LeanK does for a prompt.
+
+    Creating the handle changes nothing; entering installs a ``generate`` wrapper on the model and a forward
+    pre-hook on its base model, leaving removes both, so the model is exactly the original again. Handles
+    nest: the innermost active handle of a model makes the caches, and leaving it hands back to the outer one.
+    Entering a handle that is already active raises. ``install()`` / ``remove()`` do what ``with`` does.
     """
 
-    model: object
-    mask: torch.Tensor
+    model: object = field(repr=False)
+    mask: torch.Tensor = field(repr=False)
     sink: int
     recent: int
     block: int
-    attention: LeanKAttention
-    cache: LeanKCache = field(init=False)
-    _hook_ctx: object = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        self.cache = self.new_cache()
-        self.install()
+    align: int
+    backend: str
+    cache: LeanKCache | None = field(default=None, init=False, repr=False)
+    _hooks: tuple | None = field(default=None, init=False, repr=False)  # (pre-hook handle, generate wrapper)
 
     def new_cache(self, max_tokens: int | None = None) -> LeanKCache:
-        """A fresh, empty LeanK cache bound to this handle's hook (``max_tokens`` reserves its middle store)."""
-        return LeanKCache(self.mask, self.sink, self.recent, self.block, self.attention, max_tokens)
+        """A fresh, empty LeanK cache with this handle's settings (``max_tokens`` reserves its middle store)."""
+        return LeanKCache(
+            self.model,
+            self.mask,
+            self.sink,
+            self.recent,
+            self.block,
+            align=self.align,
+            backend=self.backend,
+            max_tokens=max_tokens,
+        )
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
-        """``model.generate`` with a fresh LeanK cache reserved for prompt + ``max_new_tokens`` (kept as ``.cache``)."""
-        self.cache = self.new_cache(input_ids.shape[-1] + max_new_tokens)
-        kwargs[cache_argument(self.model)] = self.cache
-        return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+    @property
+    def active(self) -> bool:
+        """Whether the handle is entered (its model's ``generate`` and forward passes use LeanK caches)."""
+        return self._hooks is not None
 
     def install(self) -> LeanKHandle:
-        """Route the model's attention through the LeanK hook (done by :func:`apply_leank`; idempotent)."""
-        if self._hook_ctx is None:
-            previous = _INSTALLED.get(self.model)
-            if previous is not None and previous is not self:
-                previous.remove()
-            self._hook_ctx = use_hook(self.model, self.attention)
-            self._hook_ctx.__enter__()
-            _INSTALLED[self.model] = self
-            self.attention.active = True
+        """Make the model's ``generate`` and new-cache forward passes use LeanK caches (what ``with`` does)."""
+        if self.active:
+            raise RuntimeError("this LeanK handle is already active on its model; enter it once (no re-entry).")
+        stack = _ACTIVE.setdefault(self.model, [])
+        if stack:  # the outer handle's hooks stay; the innermost handle is read from the stack at call time
+            self._hooks = ()
+        else:
+            pre = self.model.base_model.register_forward_pre_hook(_forward_pre_hook(self.model), with_kwargs=True)
+            self.model.generate = _generate_wrapper(self.model)  # an instance attribute: removed on exit
+            self._hooks = (pre,)
+        stack.append(self)
         return self
 
     def remove(self) -> None:
-        """Undo :meth:`install`: the model attends densely again (its caches cannot decode until reinstalled)."""
-        if self._hook_ctx is not None:
-            self.attention.active = False
-            self.attention.pending = None
-            self._hook_ctx.__exit__(None, None, None)
-            self._hook_ctx = None
-            if _INSTALLED.get(self.model) is self:
-                del _INSTALLED[self.model]
+        """Undo :meth:`install` (a no-op if not active); the last handle to leave restores the model."""
+        if not self.active:
+            return
+        stack = _ACTIVE[self.model]
+        stack.remove(self)
+        if self._hooks:  # this handle installed the hooks: hand them to the next one, or remove them
+            if stack:
+                stack[0]._hooks, self._hooks = self._hooks, ()
+            else:
+                self._hooks[0].remove()
+                del self.model.generate
+                del _ACTIVE[self.model]
+        self._hooks = None
 
     def __enter__(self) -> LeanKHandle:
         return self.install()
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _innermost(model) -> LeanKHandle:
+    return _ACTIVE[model][-1]
+
+
+def _generate_wrapper(model):
+    """``model.generate`` inside apply_leank: a fresh LeanK cache (reserved when the length is known) unless given."""
+    original = type(model).generate.__get__(model)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        handle = _innermost(model)
+        name, cache = _cache_given(kwargs)
+        if cache is not None:
+            _check_leank(cache, "generate")
+        else:
+            if kwargs.get("use_cache") is False:
+                raise ValueError("generate(use_cache=False) inside apply_leank would decode densely: drop it.")
+            ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+            new = kwargs.get("max_new_tokens")
+            total = ids.shape[-1] + new if isinstance(ids, torch.Tensor) and new is not None else None
+            cache = handle.new_cache(total)
+            kwargs[cache_argument(model)] = cache
+        handle.cache = cache
+        return original(*args, **kwargs)
+
+    return generate
+
+
+def _forward_pre_hook(model):
+    """Base-model pre-hook inside apply_leank: a new cache is a LeanK cache; any other cache given raises."""
+
+    def hook(module, args, kwargs):
+        handle = _innermost(model)
+        name, cache = _cache_given(kwargs)
+        if cache is not None:
+            _check_leank(cache, "the forward pass")
+            return None
+        use_cache = kwargs.get("use_cache")
+        if not (module.config.use_cache if use_cache is None else use_cache):
+            return None  # no cache at all: ordinary attention over the input, as LeanK's prefill
+        handle.cache = handle.new_cache()
+        kwargs[cache_argument(module)] = handle.cache
+        return args, kwargs
+
+    return hook
 
 
 def apply_leank(
@@ -498,21 +622,12 @@ def apply_leank(
     align: int | None = None,
     backend: str = "auto",
 ) -> LeanKHandle:
-    """Make ``model`` decode with LeanK for ``mask`` [L, G, D]; returns an installed, undoable handle.
+    """LeanK decoding for ``model`` and ``mask`` [L, G, D], active inside ``with``; see :class:`LeanKHandle`.
 
     Defaults are scaled for SmolLM2 at 0.5-4K tokens (the authors deploy sink=128, recent=768, block=128).
     ``align``: the alignment the mask's per-head counts must respect (default head_dim // 4: 16 for D=64,
     the authors' 32 for D=128). ``backend``: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA).
+    Everything is checked here, so a bad mask or window raises before the ``with`` starts.
     """
-    check_supported(model.config)
-    if getattr(model.config, "use_sliding_window", False):
-        raise ValueError("models with sliding-window attention are not supported by the LeanK cache; disable it.")
-    facts = model_facts(model)
-    align = facts.head_dim // 4 if align is None else align
-    check_align(align, facts.head_dim)
-    check_windows(sink, recent, block)
-    attention = LeanKAttention(backend)
-    if backend == "triton" and align % MIN_TRITON_KEPT:
-        raise ValueError(f"backend='triton' needs align to be a multiple of {MIN_TRITON_KEPT}; got align={align}.")
-    mask = validate_mask(torch.as_tensor(mask), facts.mask_shape, align).cpu()
-    return LeanKHandle(model, mask, sink, recent, block, attention)
+    template = LeanKCache(model, mask, sink, recent, block, align=align, backend=backend)
+    return LeanKHandle(model, template.mask, sink, recent, block, template.align, backend)

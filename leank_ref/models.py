@@ -9,6 +9,7 @@ The GGUF file is quantized (Q4_1): the de-quantized fp32 weights *are* the model
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -81,6 +82,44 @@ def model_facts(model_or_config) -> ModelFacts:
         max_position_embeddings=config.max_position_embeddings,
         model_type=config.model_type,
     )
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward (and ``generate``) takes a cache by: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def masks_dir() -> Path:
+    """Folder of the shipped masks: ``masks/`` of the checkout (editable install), else the installed package's copy.
+
+    A wheel (``pip install .``) carries the files as package data under ``leank_ref/_masks/``.
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "masks"
+    return checkout if (package.parent / "pyproject.toml").exists() and checkout.is_dir() else package / "_masks"
+
+
+def shipped_mask_path(name: str) -> Path:
+    """Path of a shipped mask by file stem, e.g. ``"smollm2-135m_r0.7"`` or ``"reference/llama3.1-8b-instruct"``."""
+    path = masks_dir() / f"{name.removesuffix('.pth')}.pth"
+    if not path.exists():
+        shipped = sorted(p.relative_to(masks_dir()).with_suffix("").as_posix() for p in masks_dir().rglob("*.pth"))
+        raise FileNotFoundError(f"no shipped mask '{name}' in {masks_dir()}; shipped: {', '.join(shipped)}.")
+    return path
+
+
+def shipped_mask(name: str, model=None, align: int | None = None) -> torch.Tensor:
+    """Load a shipped mask by name (see :func:`shipped_mask_path`), checked against ``model``'s shape if given.
+
+    ``align`` defaults to head_dim // 4 when a model is given (the alignment the shipped masks were made with).
+    """
+    from .masks import load_mask
+
+    shape = model_facts(model).mask_shape if model is not None else None
+    if align is None and model is not None:
+        align = model_facts(model).head_dim // 4
+    return load_mask(shipped_mask_path(name), shape, align)
 
 
 def check_supported(config) -> None:

@@ -7,12 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.cache import LeanKCache, apply_leank, cache_argument, memory_formula
+from leank_ref.cache import LeanKCache, apply_leank, memory_formula
 from leank_ref.data import continuation_example
 from leank_ref.decode import LeanKAttention, leank_decode_torch, triton_available
 from leank_ref.masks import binarize, kept_counts, load_mask
+from leank_ref.models import cache_argument
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "masks" / "smollm2-135m_r0.7.pth"
@@ -56,11 +58,19 @@ def effective_recent(n_cached: int) -> int:
 
 
 class Recorder:
-    """Innermost hook: runs the LeanK hook and keeps each call's layer, query, new K/V, output and scaling."""
+    """Wraps a cache's LeanK attention and keeps each call's layer, query, new K/V, output and scaling."""
 
     def __init__(self, inner):
         self.inner = inner
         self.calls = []
+
+    @property
+    def pending(self):
+        return self.inner.pending
+
+    @pending.setter
+    def pending(self, value):  # the cache announces its layer to the attention it routes to
+        self.inner.pending = value
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         out = self.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -89,7 +99,7 @@ def test_all_ones_mask_generates_the_dense_tokens(model, tokenizer):
     ids = continuation_example(tokenizer, 1024, seed=0).context_ids[None]  # [1, 1024]
     dense = greedy(model, ids, 64)
     with apply_leank(model, torch.ones(30, 3, 64), sink=16, recent=64, block=32) as lk:
-        leank = lk.generate(ids, 64, min_new_tokens=64, do_sample=False)
+        leank = greedy(model, ids, 64)
         assert lk.cache.layers[0].middle > 0  # the middle store was really used
     assert torch.equal(dense, leank)
     assert model.config._attn_implementation == "sdpa"  # the handle undid itself
@@ -101,11 +111,11 @@ def test_every_decode_step_equals_simulated_leank(model, tokenizer, mask_name, p
     mask = get_mask(mask_name)
     ids = continuation_example(tokenizer, prompt_len, seed=1).context_ids[None]
     steps = 28  # 4 compaction boundaries for either prompt (block 8)
-    with apply_leank(model, mask, sink=SINK, recent=RECENT, block=BLOCK, backend="torch") as lk:
-        rec = Recorder(lk.attention)
-        cache = lk.new_cache()  # no reservation: the middle store grows while decoding
-        with use_hook(model, rec):
-            greedy(model, ids, steps, cache)
+    cache = LeanKCache(model, mask, SINK, RECENT, BLOCK, backend="torch")  # no reservation: the middle store grows
+    rec = Recorder(cache.attention)
+    for layer in cache.layers:
+        layer.attention = rec
+    greedy(model, ids, steps, cache)
     keys, values = {}, {}  # layer -> every token's K/V [1, G, n, D] as the LeanK model computed them
     checked, compactions, last_recent = 0, 0, None
     for module, q, k_new, v_new, out, scaling in rec.calls:
@@ -134,8 +144,8 @@ def test_block_one_logits_equal_simulation_end_to_end(model, tokenizer):
     """With block=1 the recent window is exactly RECENT, so one SimulatedLeanK forward gives every logit."""
     mask, p, steps = r07_test_mask(), 60, 12
     ids = continuation_example(tokenizer, p, seed=2).context_ids[None]
-    with apply_leank(model, mask, sink=SINK, recent=RECENT, block=1, backend="torch") as lk:
-        gen = greedy(model, ids, steps, lk.new_cache(), output_logits=True, return_dict_in_generate=True)
+    with apply_leank(model, mask, sink=SINK, recent=RECENT, block=1, backend="torch"):
+        gen = greedy(model, ids, steps, output_logits=True, return_dict_in_generate=True)
     leank_logits = torch.stack(gen.logits, 1)[0]  # [steps, V]: positions p-1 .. p+steps-2
     with use_hook(model, SimulatedLeanK(mask, SINK, RECENT, decode_start=p)), torch.no_grad():
         sim_logits = model(gen.sequences[:, :-1]).logits[0, p - 1 :]  # [steps, V]
@@ -159,10 +169,11 @@ def filled_cache(
     mask, tokens, dtype, batch=1, seed=0, sink=SINK, recent=RECENT, block=BLOCK, max_tokens=None, device="cpu"
 ) -> LeanKCache:
     """A cache for ``mask`` holding ``tokens`` random tokens: a prefill, then single-token updates (no model)."""
-    attention = LeanKAttention("torch")
-    attention.active = True  # as if installed on a model: the cache only stores here
-    cache = LeanKCache(mask, sink, recent, block, attention, max_tokens)
     layers, g, d = mask.shape
+    config = LlamaConfig(
+        num_hidden_layers=layers, num_attention_heads=3 * g, num_key_value_heads=g, head_dim=d, hidden_size=3 * g * d
+    )  # the cache reads only shapes from its model, so a config stands in for one
+    cache = LeanKCache(config, mask, sink, recent, block, align=min(d // 4, 16), backend="torch", max_tokens=max_tokens)
     gen = torch.Generator().manual_seed(seed)
     first = max(tokens - 20, 1)
     for t in [first] + [1] * (tokens - first):
@@ -280,9 +291,7 @@ def test_triton_switch_generates_the_torch_tokens(model, tokenizer):
     logits = {}
     for backend in ("torch", "triton"):
         with apply_leank(model, r07_test_mask(), sink=SINK, recent=RECENT, block=BLOCK, backend=backend) as lk:
-            out = lk.generate(
-                ids, 2, min_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
-            )
+            out = greedy(model, ids, 2, output_logits=True, return_dict_in_generate=True)
             assert lk.cache.layers[0].middle > 0
         logits[backend] = torch.stack(out.logits)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
@@ -314,8 +323,7 @@ def test_bad_input_gives_clear_errors(model):
 
 def test_cache_misuse_gives_clear_errors(model, tokenizer):
     ids = continuation_example(tokenizer, 40, seed=5).context_ids[None]
-    lk = apply_leank(model, torch.ones(30, 3, 64), sink=SINK, recent=RECENT, block=BLOCK)
-    cache = lk.new_cache()
+    cache = LeanKCache(model, torch.ones(30, 3, 64), SINK, RECENT, BLOCK)
     name = cache_argument(model)
     with torch.no_grad():
         model(ids, **{name: cache})
@@ -323,25 +331,14 @@ def test_cache_misuse_gives_clear_errors(model, tokenizer):
             model(ids[:, :3], **{name: cache})
         with pytest.raises(ValueError, match="batch size"):
             model(ids[:, :1].expand(2, 1), **{name: cache})
-    lk.remove()
-    with pytest.raises(RuntimeError, match="apply_leank"), torch.no_grad():
-        model(ids[:, :1], **{name: cache})
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_a_second_handle_replaces_the_first(model, tokenizer):
-    """Two handles on one model never mix: installing one removes the other, whose cache then refuses to decode."""
-    ids = continuation_example(tokenizer, 60, seed=7).context_ids[None]
-    first = apply_leank(model, r07_test_mask(), sink=SINK, recent=RECENT, block=BLOCK)
-    second = apply_leank(model, torch.ones(30, 3, 64), sink=SINK, recent=RECENT, block=BLOCK)
-    assert not first.attention.active and second.attention.active
-    name = cache_argument(model)
-    with pytest.raises(RuntimeError, match="apply_leank"), torch.no_grad():
-        model(ids, **{name: first.new_cache()})
-    dense = greedy(model, ids, 6)
-    with second:
-        assert torch.equal(second.generate(ids, 6, min_new_tokens=6, do_sample=False), dense)
-    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    try:
+        LeanKCache(model, torch.ones(30, 3, 64))  # eager masks are fine
+    finally:
+        model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        LeanKCache(SimpleNamespace(config=LlamaConfig(attn_implementation="flash_attention_2")), torch.ones(32, 8, 128))
 
 
 def test_crop_and_batch_selection():
