@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -629,7 +630,10 @@ def run(args: argparse.Namespace) -> None:
                 try:
                     r = bench_shape(B, N, keep, kernels, check=True, iters=args.iters)
                 except Exception as e:  # recorded; the other shapes still run
-                    report["results"].append({"B": B, "N": N, "error": f"{type(e).__name__}: {str(e).strip()[-500:]}"})
+                    error = f"{type(e).__name__}: {str(e).strip()[-500:]}"
+                    report["results"].append(
+                        {"B": B, "N": N, "error": error, "traceback": traceback.format_exc()[-2000:]}
+                    )
                     print(f"B{B} N{N}: {report['results'][-1]['error']}", flush=True)
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
