@@ -1,18 +1,21 @@
 """The command line: ``python -m leank_ref <command> ...`` (``leank-ref`` once installed).
 
 Each command lives in the module that does the work; that module defines ``add_arguments(parser)`` and
-``run_command(args) -> int``. Adding a command is one line in :data:`COMMANDS`.
+``run_command(args) -> int``. Adding a command is an import and one line in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
-COMMANDS: dict[str, str] = {  # command -> module defining add_arguments(parser) and run_command(args)
-    "train": "leank_ref.training",
-    "evaluate": "leank_ref.evaluation",
+from leank_ref import evaluation, scorecard, training
+
+COMMANDS: dict[str, ModuleType] = {  # command -> module defining add_arguments(parser) and run_command(args)
+    "train": training,
+    "evaluate": evaluation,
+    "scorecard": scorecard,
 }
 
 
@@ -20,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="python -m leank_ref", description="LeanK reference implementation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, module in COMMANDS.items():
         summary = (module.run_command.__doc__ or "").strip().splitlines()[0]
         command = sub.add_parser(name, help=summary, description=summary)
         module.add_arguments(command)

@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from leank_ref.layout import check_windows
+
 ATTN_NAME = "leank_ref"
 
 
@@ -75,24 +77,54 @@ def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class QKCapture:
-    """Record post-RoPE queries [B, H, T, D] and keys [B, G, N, D] of chosen layers; attention is unchanged."""
+    """Record post-RoPE queries [B, H, T, D] and keys [B, G, N, D] of chosen layers; attention is unchanged.
 
-    def __init__(self, layers: list[int] | None = None, num_layers: int | None = None, dtype=torch.float32):
+    With ``values=True`` it also keeps the values [B, G, N, D]: everything a later decode step reads.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        num_layers: int | None = None,
+        dtype=torch.float32,
+        values: bool = False,
+    ):
         if layers is not None and num_layers is not None:
             bad = [i for i in layers if not 0 <= i < num_layers]
             if bad:
                 raise IndexError(f"layer indices {bad} are out of range: the model has layers 0..{num_layers - 1}.")
         self.layers = None if layers is None else set(layers)
         self.dtype = dtype
+        self.keep_values = values
         self.queries: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
         layer = module.layer_idx
         if self.layers is None or layer in self.layers:
             self.queries[layer] = query.detach().to("cpu", self.dtype)
             self.keys[layer] = key.detach().to("cpu", self.dtype)
+            if self.keep_values:
+                self.values[layer] = value.detach().to("cpu", self.dtype)
         return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+@torch.no_grad()
+def capture_prefill(
+    model, input_ids: torch.Tensor, layers: list[int] | None = None, values: bool = False
+) -> tuple[QKCapture, torch.Tensor]:
+    """Dense prefill of ``input_ids`` ([T] or [B, T]) under :class:`QKCapture`: the capture and the logits at the
+    last position [B, V] (float32). ``layers``: which layers to record (None = all); ``values``: keep V too."""
+    ids = input_ids[None] if input_ids.ndim == 1 else input_ids
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [T] or [B, T]; got shape {list(input_ids.shape)}.")
+    num_layers = model.config.num_hidden_layers
+    capture = QKCapture(layers=layers, num_layers=num_layers, values=values)
+    device = next(model.parameters()).device
+    with use_hook(model, capture):
+        out = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
+    return capture, out.logits[:, -1].float()
 
 
 def middle_key_mask(q_pos: torch.Tensor, n_keys: int, sink: int, recent: int, decode_start: int = 0) -> torch.Tensor:
@@ -121,7 +153,7 @@ def zero_head_rule(mask: torch.Tensor, deployed: bool = True) -> torch.Tensor:
 
 
 class SimulatedLeanK:
-    """LeanK's attention simulated on full tensors (SPEC sections 3-4).
+    """LeanK's attention simulated on full tensors, as in training (Zhang et al., EMNLP 2025).
 
     Decode queries (absolute position >= ``decode_start``) see full K for sink keys and for keys in their
     own recent window, and ``K * scale`` channel-wise for the middle keys; context queries attend normally.
@@ -139,8 +171,7 @@ class SimulatedLeanK:
         decode_start: int = 0,
         exclude_zero_heads: bool = True,
     ):
-        if sink < 0 or recent < 1:
-            raise ValueError(f"sink={sink} must be >= 0 and recent={recent} >= 1 (a query always sees itself).")
+        check_windows(sink, recent)
         self.scale = scale
         self.sink, self.recent = sink, recent
         self.decode_start = decode_start
@@ -177,6 +208,77 @@ class SimulatedLeanK:
         logits = logits.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(logits, dim=-1) @ vf  # [B, H, T, D]
         return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, T, H, D]
+
+
+class SimulatedLeanKRows:
+    """Simulated LeanK for many masks over one prompt: B rows decode after one shared prompt, row b under
+    the 0/1 mask ``masks[b]`` [L, G, D].
+
+    ``prompt`` is the :func:`capture_prefill` of the prompt with ``values=True``. The model then runs with
+    ``use_cache=False`` and explicit ``position_ids``, so this hook receives only the new tokens' post-RoPE K/V
+    [B, G, T, D]; it keeps them per row and attends over (prompt, generated so far). Every query is a decode
+    query (position >= prompt length), so it computes :class:`SimulatedLeanK`'s attention (deployed meaning):
+    full q·k for sink keys and keys in (t - recent, t], q[kept]·k[kept] for the middle, and
+    :func:`zero_head_rule`. It equals :class:`SimulatedLeanK` row by row (tests), but reads the prompt's K/V
+    once for all rows, so a whole grid of masks costs one prefill.
+    """
+
+    def __init__(self, prompt: QKCapture, masks: torch.Tensor, sink: int, recent: int):
+        check_windows(sink, recent)
+        if not prompt.values:
+            raise ValueError("the prompt capture holds no values: capture it with capture_prefill(..., values=True).")
+        self.keys = {l: k[0] for l, k in prompt.keys.items()}  # [G, P, D]
+        self.values = {l: v[0] for l, v in prompt.values.items()}  # [G, P, D]
+        self.prompt_len = next(iter(self.keys.values())).shape[1]
+        self.masks = masks.float()  # [B, L, G, D]
+        self.sink, self.recent = sink, recent
+        self.gen_k: dict[int, torch.Tensor] = {}  # [B, G, n, D]
+        self.gen_v: dict[int, torch.Tensor] = {}
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (drop finished ones from the batch)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.masks = self.masks[idx]
+        self.gen_k = {l: k[idx] for l, k in self.gen_k.items()}
+        self.gen_v = {l: v[idx] for l, v in self.gen_v.items()}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
+        layer = module.layer_idx
+        b, h, t, d = query.shape
+        g = key.shape[1]
+        r = h // g  # query heads per KV head; head i reads KV head i // r
+        scaling = d**-0.5 if scaling is None else scaling
+        if b != self.masks.shape[0]:
+            raise ValueError(f"batch of {b} rows but {self.masks.shape[0]} masks; call select() when dropping rows.")
+        gk = key.float() if layer not in self.gen_k else torch.cat([self.gen_k[layer], key.float()], dim=2)
+        gv = value.float() if layer not in self.gen_v else torch.cat([self.gen_v[layer], value.float()], dim=2)
+        self.gen_k[layer], self.gen_v[layer] = gk, gv  # [B, G, n, D]
+        kp, vp = self.keys[layer].to(query.device), self.values[layer].to(query.device)  # [G, P, D]
+        p, n = kp.shape[1], gk.shape[2]
+        q_pos = torch.arange(p + n - t, p + n, device=query.device)  # [T] absolute positions
+        pruned = middle_key_mask(q_pos, p + n, self.sink, self.recent)  # [T, P+n]
+        causal = torch.arange(p + n, device=query.device)[None, :] <= q_pos[:, None]  # [T, P+n]
+
+        s = self.masks[:, layer].to(query.device)  # [B, G, D]
+        qg = query.float().reshape(b, g, r, t, d)  # [B, G, r, T, D]
+        qm = qg * s[:, :, None, None, :]  # q[kept]·k[kept] == (q*mask)·k
+
+        def prompt_logits(q: torch.Tensor) -> torch.Tensor:  # rows into the matmul's M dimension: one bmm
+            flat = q.permute(1, 0, 2, 3, 4).reshape(g, b * r * t, d)  # [G, B*r*T, D]
+            return torch.bmm(flat, kp.transpose(1, 2)).reshape(g, b, r, t, p).permute(1, 0, 2, 3, 4)  # [B, G, r, T, P]
+
+        gen_t = gk[:, :, None].transpose(-1, -2)  # [B, G, 1, D, n]
+        full = torch.cat([prompt_logits(qg), qg @ gen_t], dim=-1)  # [B, G, r, T, P+n]
+        middle = torch.cat([prompt_logits(qm), qm @ gen_t], dim=-1)
+        logits = torch.where(pruned, middle, full) * scaling
+        dropped = zero_head_rule(s)[:, :, None, None, None]  # [B, G, 1, 1, 1]
+        allowed = causal & ~(dropped & pruned)  # [B, G, 1, T, P+n]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+        pp = probs[..., :p].permute(1, 0, 2, 3, 4).reshape(g, b * r * t, p)  # [G, B*r*T, P]
+        out = torch.bmm(pp, vp).reshape(g, b, r, t, d).permute(1, 0, 2, 3, 4)  # [B, G, r, T, D]
+        out = out + probs[..., p:] @ gv[:, :, None]  # [B, G, r, T, n] @ [B, G, 1, n, D]
+        return out.reshape(b, h, t, d).transpose(1, 2).to(query.dtype).contiguous()  # [B, T, H, D]
 
 
 def simulate_newest_query(

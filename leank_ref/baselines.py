@@ -28,9 +28,9 @@ from typing import ClassVar
 
 import torch
 
-from leank_ref.attention import QKCapture, use_hook
+from leank_ref.attention import QKCapture, capture_prefill
 from leank_ref.data import continuation_example
-from leank_ref.masks import check_align, check_ratio, kept_counts, load_mask
+from leank_ref.masks import check_align, check_ratio, kept_counts, load_mask, top_count_mask
 from leank_ref.models import model_facts
 from leank_ref.sparsity import capture_importance, rope_frequencies
 
@@ -79,23 +79,6 @@ def check_counts(counts: torch.Tensor, shape: tuple[int, int, int], align: int) 
     return counts
 
 
-def top_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[L, G, D] 0/1: each head's top-``counts[l, g]`` channels by ``scores`` (ties: lower channel index)."""
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices  # [L, G, D]
-    rank = torch.argsort(order, dim=-1)  # rank of each channel within its head
-    return (rank < counts[..., None]).float()
-
-
-@torch.no_grad()
-def capture_prompt(model, prompt_ids: torch.Tensor) -> QKCapture:
-    """Prefill ``prompt_ids`` [T] under :class:`QKCapture`: post-RoPE queries [1, H, T, D] and keys [1, G, T, D]."""
-    capture = QKCapture(num_layers=model_facts(model).num_layers)
-    device = next(model.parameters()).device
-    with use_hook(model, capture):
-        model(input_ids=prompt_ids.reshape(1, -1).to(device), use_cache=False)
-    return capture
-
-
 @dataclass
 class Selector:
     """Base: a channel scorer plus the shared top-count rule. Subclasses define ``scores``."""
@@ -123,7 +106,7 @@ class Selector:
                 raise ValueError(
                     f"{self.name} chooses channels per prompt: pass prompt_ids (or a QKCapture of its prefill)."
                 )
-            capture = capture_prompt(model, prompt_ids)
+            capture, _ = capture_prefill(model, prompt_ids)
         return top_count_mask(self.scores(model, capture), counts)
 
 
@@ -158,10 +141,6 @@ class LeanKLearned(Selector):
     def mask(self, model, align: int | None = None) -> torch.Tensor:
         """The shipped [L, G, D] mask, validated against the model's shape (and ``align``)."""
         return load_mask(self.path, model_facts(model).mask_shape, align)
-
-    def scores(self, model, capture=None) -> torch.Tensor:
-        """The mask itself: its kept channels score 1."""
-        return self.mask(model)
 
     def select(self, model, counts, align, prompt_ids=None, capture=None) -> torch.Tensor:
         """The shipped mask; raises if ``counts`` differs from its own per-head counts (no silent re-budgeting)."""

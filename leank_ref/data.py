@@ -51,11 +51,6 @@ def _haystack_ids(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer(haystack_text(), add_special_tokens=False)["input_ids"])
 
 
-def haystack_ids(tokenizer) -> list[int]:
-    """The haystack tokenized once per tokenizer (cached)."""
-    return list(_haystack_ids(tokenizer))
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

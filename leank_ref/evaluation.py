@@ -1,13 +1,13 @@
 """Accuracy of channel selectors at equal budget: passkey, key-value retrieval, LM fidelity (notebook 06).
 
-Protocol. Every sample is prefilled **once**, densely (LeanK's prefill is dense), under :class:`PromptCapture`,
-which records every layer's post-RoPE queries, keys and values. Per-prompt selectors (ThinK, K-norm) pick their
-channels from that capture; then all methods decode *together*, one batch row per (method, ratio, budget), through
-:class:`RowsDecode`: the simulated LeanK attention of SPEC sections 3-4 (decode queries see full K for sink and
-recent keys and only the kept channels for middle keys; a zero-count head skips its middle tokens, the deployed
-meaning) computed against the one shared copy of the prompt's K/V, plus each row's own generated tokens. Dense is
-the row whose mask keeps every channel. So the prefill, by far the largest cost on a CPU, is paid once per sample
-for the whole grid, and the first answer token (predicted by the dense prefill) is the same for every method.
+Protocol. Every sample is prefilled **once**, densely (LeanK's prefill is dense), by
+:func:`~leank_ref.attention.capture_prefill`, which records every layer's post-RoPE queries, keys and values.
+Per-prompt selectors (ThinK, K-norm) pick their channels from that capture; then all methods decode *together*,
+one batch row per (method, ratio, budget), through :class:`~leank_ref.attention.SimulatedLeanKRows` (simulated
+LeanK for many masks over one prompt: decode queries see full K for sink and recent keys and only the kept
+channels for middle keys; a zero-count head skips its middle tokens, the deployed meaning). Dense is the row
+whose mask keeps every channel. So the prefill, by far the largest cost on a CPU, is paid once per sample for the
+whole grid, and the first answer token (predicted by the dense prefill) is the same for every method.
 
 - passkey / kv_retrieval: greedy decoding of up to 16 / 20 new tokens per row; a row stops at EOS or
   once its text contains the expected digits (the verdict cannot change after that). Correct if the expected
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import multiprocessing
 import random
 import resource
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from leank_ref.attention import QKCapture, middle_key_mask, use_hook, zero_head_rule
+from leank_ref.attention import QKCapture, SimulatedLeanKRows, capture_prefill, use_hook
 from leank_ref.baselines import (
     MASKS_DIR,
     SELECTORS,
@@ -51,18 +50,17 @@ from leank_ref.baselines import (
     ThinK,
     equal_budget,
     learned_mask_path,
-    top_count_mask,
     uniform_counts,
 )
 from leank_ref.data import Example, make_example
-from leank_ref.masks import mask_stats
+from leank_ref.masks import mask_stats, top_count_mask
 from leank_ref.models import model_facts
+from leank_ref.stats import headline, summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 SEED_BASE = {"passkey": 10_000, "kv_retrieval": 11_000, "continuation": 12_000, "scan": 13_000}
 ALL_METHODS = ("leank", "leank_factors", "think", "knorm", "static_qk", "rope", "random")
 ACCURACY_TASKS = ("passkey", "kv_retrieval")
-Z95 = 1.959963984540054
 
 
 @dataclass
@@ -218,103 +216,10 @@ def build_configs(
 # One shared dense prefill, then every row decodes against it
 
 
-class PromptCapture(QKCapture):
-    """:class:`QKCapture` that also keeps the values: the dense prefill every row decodes from.
-
-    ``queries[l]`` [1, H, P, D], ``keys[l]`` / ``values[l]`` [1, G, P, D] (post-RoPE, float32, CPU).
-    """
-
-    def __init__(self, num_layers: int):
-        super().__init__(num_layers=num_layers)
-        self.values: dict[int, torch.Tensor] = {}
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
-        self.values[module.layer_idx] = value.detach().to("cpu", self.dtype)
-        return super().__call__(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-class RowsDecode:
-    """Attention hook: B rows decode after one shared prompt, row b under the 0/1 mask ``masks[b]`` [L, G, D].
-
-    The model runs with ``use_cache=False`` and explicit ``position_ids``, so the hook receives only the new
-    tokens' post-RoPE K/V [B, G, T, D]; it keeps them per row and attends over (prompt, generated so far). Every
-    query is a decode query (position >= prompt length), so it computes SPEC section 3's simulated attention:
-    full q·k for sink keys and keys in (t - recent, t], q[kept]·k[kept] for the middle, and the deployed
-    zero-count-head rule (:func:`leank_ref.attention.zero_head_rule`). It equals
-    :class:`leank_ref.attention.SimulatedLeanK` row by row (tests); the prompt's K/V are read once for all rows.
-    """
-
-    def __init__(self, prompt: PromptCapture, masks: torch.Tensor, sink: int, recent: int):
-        if sink < 0 or recent < 1:
-            raise ValueError(f"sink={sink} must be >= 0 and recent={recent} >= 1 (a query always sees itself).")
-        self.keys = {l: k[0] for l, k in prompt.keys.items()}  # [G, P, D]
-        self.values = {l: v[0] for l, v in prompt.values.items()}  # [G, P, D]
-        self.prompt_len = next(iter(self.keys.values())).shape[1]
-        self.masks = masks.float()  # [B, L, G, D]
-        self.sink, self.recent = sink, recent
-        self.gen_k: dict[int, torch.Tensor] = {}  # [B, G, n, D]
-        self.gen_v: dict[int, torch.Tensor] = {}
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (drop finished ones from the batch)."""
-        idx = torch.tensor(rows, dtype=torch.long)
-        self.masks = self.masks[idx]
-        self.gen_k = {l: k[idx] for l, k in self.gen_k.items()}
-        self.gen_v = {l: v[idx] for l, v in self.gen_v.items()}
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
-        layer = module.layer_idx
-        b, h, t, d = query.shape
-        g = key.shape[1]
-        r = h // g  # query heads per KV head; head i reads KV head i // r
-        scaling = d**-0.5 if scaling is None else scaling
-        if b != self.masks.shape[0]:
-            raise ValueError(f"batch of {b} rows but {self.masks.shape[0]} masks; call select() when dropping rows.")
-        gk = key.float() if layer not in self.gen_k else torch.cat([self.gen_k[layer], key.float()], dim=2)
-        gv = value.float() if layer not in self.gen_v else torch.cat([self.gen_v[layer], value.float()], dim=2)
-        self.gen_k[layer], self.gen_v[layer] = gk, gv  # [B, G, n, D]
-        kp, vp = self.keys[layer].to(query.device), self.values[layer].to(query.device)  # [G, P, D]
-        p, n = kp.shape[1], gk.shape[2]
-        q_pos = torch.arange(p + n - t, p + n, device=query.device)  # [T] absolute positions
-        pruned = middle_key_mask(q_pos, p + n, self.sink, self.recent)  # [T, P+n]
-        causal = torch.arange(p + n, device=query.device)[None, :] <= q_pos[:, None]  # [T, P+n]
-
-        s = self.masks[:, layer].to(query.device)  # [B, G, D]
-        qg = query.float().reshape(b, g, r, t, d)  # [B, G, r, T, D]
-        qm = qg * s[:, :, None, None, :]  # q[kept]·k[kept] == (q*mask)·k
-
-        def prompt_logits(q: torch.Tensor) -> torch.Tensor:  # rows into the matmul's M dimension: one bmm
-            flat = q.permute(1, 0, 2, 3, 4).reshape(g, b * r * t, d)  # [G, B*r*T, D]
-            return torch.bmm(flat, kp.transpose(1, 2)).reshape(g, b, r, t, p).permute(1, 0, 2, 3, 4)  # [B, G, r, T, P]
-
-        gen_t = gk[:, :, None].transpose(-1, -2)  # [B, G, 1, D, n]
-        full = torch.cat([prompt_logits(qg), qg @ gen_t], dim=-1)  # [B, G, r, T, P+n]
-        middle = torch.cat([prompt_logits(qm), qm @ gen_t], dim=-1)
-        logits = torch.where(pruned, middle, full) * scaling
-        dropped = zero_head_rule(s)[:, :, None, None, None]  # [B, G, 1, 1, 1]
-        allowed = causal & ~(dropped & pruned)  # [B, G, 1, T, P+n]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-
-        pp = probs[..., :p].permute(1, 0, 2, 3, 4).reshape(g, b * r * t, p)  # [G, B*r*T, P]
-        out = torch.bmm(pp, vp).reshape(g, b, r, t, d).permute(1, 0, 2, 3, 4)  # [B, G, r, T, D]
-        out = out + probs[..., p:] @ gv[:, :, None]  # [B, G, r, T, n] @ [B, G, 1, n, D]
-        return out.reshape(b, h, t, d).transpose(1, 2).to(query.dtype).contiguous()  # [B, T, H, D]
-
-
-@torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor) -> tuple[PromptCapture, torch.Tensor]:
-    """Dense prefill of ``prompt_ids`` [P]: the capture (q, k, v of every layer) and the last logits [V]."""
-    capture = PromptCapture(model_facts(model).num_layers)
-    device = next(model.parameters()).device
-    with use_hook(model, capture):
-        out = model(input_ids=prompt_ids.reshape(1, -1).to(device), use_cache=False, logits_to_keep=1)
-    return capture, out.logits[0, -1].float()
-
-
 @torch.no_grad()
 def generate_rows(
     model,
-    prompt: PromptCapture,
+    prompt: QKCapture,
     first_token: int,
     masks: torch.Tensor,
     grid: EvalGrid,
@@ -324,7 +229,7 @@ def generate_rows(
 ) -> list[list[int]]:
     """Greedy decoding of up to ``max_new_tokens`` (the first included), one row per mask [B, L, G, D], after the
     shared prompt; a row stops at EOS or once its text contains ``answer``."""
-    decoder = RowsDecode(prompt, masks, grid.sink, grid.recent)
+    decoder = SimulatedLeanKRows(prompt, masks, grid.sink, grid.recent)
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     out_ids = [[first_token] for _ in range(masks.shape[0])]
@@ -357,10 +262,10 @@ def generate_rows(
 
 @torch.no_grad()
 def teacher_forced_logprobs(
-    model, prompt: PromptCapture, answer_ids: torch.Tensor, masks: torch.Tensor, grid: EvalGrid
+    model, prompt: QKCapture, answer_ids: torch.Tensor, masks: torch.Tensor, grid: EvalGrid
 ) -> torch.Tensor:
     """Log-probs [B, A-1, V] of the next token at the decode positions, feeding ``answer_ids[:-1]`` to each row."""
-    decoder = RowsDecode(prompt, masks, grid.sink, grid.recent)
+    decoder = SimulatedLeanKRows(prompt, masks, grid.sink, grid.recent)
     rows = masks.shape[0]
     device = next(model.parameters()).device
     inputs = answer_ids[:-1].reshape(1, -1).expand(rows, -1).to(device)  # [B, A-1]
@@ -380,7 +285,7 @@ def kl_and_agreement(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tupl
 def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: EvalGrid) -> list[dict]:
     """All configs on one sample (one shared prefill); one result row per config."""
     ex = example_for(tokenizer, spec, grid)
-    capture, last_logits = prefill(model, ex.context_ids)
+    capture, last_logits = capture_prefill(model, ex.context_ids, values=True)
     masks = torch.stack([c.mask(model, capture, grid.align) for c in configs])  # [B, L, G, D]
     base = {k: spec.get(k) for k in ("task", "length", "depth", "seed")}
     rows = []
@@ -391,7 +296,7 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
             kl, top1 = kl_and_agreement(dense, lp)
             rows.append({**base, "method": c.method, "ratio": c.ratio, "budget": c.budget, "kl": kl, "top1": top1})
     else:
-        first = int(last_logits.argmax())
+        first = int(last_logits[0].argmax())
         budget = grid.max_new_tokens if spec["task"] == "passkey" else grid.kv_max_new_tokens
         outputs = generate_rows(model, capture, first, masks, grid, tokenizer, ex.answer, budget)
         for c, ids in zip(configs, outputs):
@@ -410,76 +315,8 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, min(p, center - half)), min(1.0, max(p, center + half)))  # contains p despite rounding
-
-
-def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
-    """(mean, low, high): normal 95% interval of the mean over samples."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def summarize(rows: list[dict], by: tuple[str, ...] = ("task", "method", "ratio", "budget")) -> list[dict]:
-    """One record per group of ``by``: n and accuracy with Wilson interval, or KL / top-1 with normal intervals."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(r)
-    out = []
-    for key, members in groups.items():
-        rec = dict(zip(by, key), n=len(members))
-        if members[0].get("correct") is not None:
-            k = sum(int(m["correct"]) for m in members)
-            lo, hi = wilson_interval(k, len(members))
-            rec.update(accuracy=k / len(members), acc_low=lo, acc_high=hi)
-        else:
-            for metric in ("kl", "top1"):
-                mean, lo, hi = mean_interval([float(m[metric]) for m in members])
-                rec.update({metric: mean, f"{metric}_low": lo, f"{metric}_high": hi})
-        out.append(rec)
-    return out
-
-
-def headline(summary: list[dict], task: str, tolerance: float = 0.02, budget: str = "equal") -> dict[str, dict]:
-    """Per method: the highest ratio whose accuracy is >= dense's minus ``tolerance``, with that cell's interval.
-
-    ``budget="equal"`` reads the equal-budget rows (LeanK's counts where they exist, uniform elsewhere);
-    ``"uniform"`` only the uniform-count rows. A method that fails at every ratio gets ``ratio: None``.
-    """
-    cells = [s for s in summary if s["task"] == task]
-    dense = next((s for s in cells if s["method"] == "dense"), None)
-    if dense is None:
-        raise ValueError(f"no dense row for task '{task}': the headline compares against dense.")
-    leank_ratios = {s["ratio"] for s in cells if s["budget"] == "leank"}
-    out: dict[str, dict] = {}
-    for s in sorted(cells, key=lambda s: s["ratio"]):
-        if s["method"] == "dense":
-            continue
-        equal = s["budget"] == "leank" or (s["budget"] == "uniform" and s["ratio"] not in leank_ratios)
-        if (budget == "equal" and not equal) or (budget == "uniform" and s["budget"] != "uniform"):
-            continue
-        rec = out.setdefault(s["method"], {"ratio": None, "dense": dense["accuracy"]})
-        if s["accuracy"] >= dense["accuracy"] - tolerance:
-            rec.update(ratio=s["ratio"], accuracy=s["accuracy"], acc_low=s["acc_low"], acc_high=s["acc_high"])
-    return out
-
-
 def config_memory(configs: list[Config], model, grid: EvalGrid, context: int) -> list[dict]:
-    """Per config: pruned ratio, zero-count heads and K/V cache saved at ``context`` tokens (SPEC section 5)."""
+    """Per config: pruned ratio, zero-count heads and K/V cache saved at ``context`` tokens (as the cache stores)."""
     shape = model_facts(model).mask_shape
     out = []
     for c in configs:
@@ -647,11 +484,11 @@ def dense_passkey_scan(
             seed = SEED_BASE["scan"] + i
             depth = random.Random(f"scan-{seed}-{length}").random()
             ex = make_example("passkey", tokenizer, length, seed=seed, depth=depth)
-            capture, last_logits = prefill(model, ex.context_ids)
+            capture, last_logits = capture_prefill(model, ex.context_ids, values=True)
             ids = generate_rows(
                 model,
                 capture,
-                int(last_logits.argmax()),
+                int(last_logits[0].argmax()),
                 torch.ones(1, *shape),
                 grid,
                 tokenizer,

@@ -39,6 +39,29 @@ def check_shape(tensor: torch.Tensor, shape: tuple[int, int, int] | None, what: 
         )
 
 
+def check_finite(tensor: torch.Tensor, what: str = "factors") -> None:
+    """Raise unless every entry of ``tensor`` is finite (a NaN would otherwise rank silently as a kept channel)."""
+    bad = ~torch.isfinite(tensor.detach().float())
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"{what} hold {int(bad.sum())} NaN/inf values (first at index {where}); a diverged training run? "
+            f"Retrain, or replace them (e.g. torch.nan_to_num({what}, nan=0.0)) before using them."
+        )
+
+
+def top_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[..., D] 0/1 float mask: each head's top-``counts[...]`` channels by ``scores`` (ties: lower channel index).
+
+    The one ranking rule of the project: binarization, every baseline selector and the top-channel sets of
+    notebook 01 all keep a head's highest-scoring channels this way.
+    """
+    check_finite(scores, "scores")
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices  # [..., D]
+    rank = torch.argsort(order, dim=-1)  # rank of each channel within its head
+    return (rank < torch.as_tensor(counts)[..., None]).float()
+
+
 def binarize(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
     """Alignment-aware binarization of factors [L, G, D] into a 0/1 float32 mask (the authors' ``sparsify``).
 
@@ -50,12 +73,11 @@ def binarize(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
     _, _, d = factors.shape
     check_align(align, d)
     f = factors.detach().float().cpu()
+    check_finite(f, "factors")
     threshold = torch.quantile(f.flatten(), float(ratio))
     counts = (f >= threshold).sum(-1)  # [L, G]
     counts = torch.div(counts + align // 2, align, rounding_mode="floor") * align
-    order = torch.sort(f, dim=-1, descending=True, stable=True).indices  # [L, G, D]
-    rank = torch.argsort(order, dim=-1)  # rank of each channel within its head
-    return (rank < counts[..., None]).float()
+    return top_count_mask(f, counts)
 
 
 def kept_counts(mask: torch.Tensor) -> torch.Tensor:
@@ -70,6 +92,11 @@ def validate_mask(
     check_shape(mask, shape)
     if not mask.is_floating_point() and mask.dtype != torch.bool:
         mask = mask.float()
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise ValueError(
+            f"mask holds {int((~torch.isfinite(mask)).sum())} NaN/inf values; a mask is 0/1 only: "
+            "binarize finite factors (masks.binarize) or rebuild the file."
+        )
     values = torch.unique(mask.float())
     if not bool(((values == 0) | (values == 1)).all()):
         raise ValueError(f"mask must hold only 0 and 1; found values {values[:8].tolist()}. Binarize factors first.")

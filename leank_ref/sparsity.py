@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from leank_ref.attention import QKCapture, use_hook
-from leank_ref.models import model_facts
+from leank_ref.attention import capture_prefill
+from leank_ref.masks import top_count_mask
 
 
 def _as_layer_list(tensors: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
@@ -96,8 +96,7 @@ def top_channels(importance: torch.Tensor, frac: float) -> torch.Tensor:
     """Bool [L, G, D]: True for each head's top ``frac`` channels (ties broken toward the lower index)."""
     _check_importance(importance)
     k = top_count(importance.shape[-1], frac)
-    order = importance.sort(dim=-1, descending=True, stable=True).indices  # [L, G, D]
-    return torch.zeros_like(importance, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return top_count_mask(importance, torch.full(importance.shape[:-1], k)).bool()
 
 
 def topk_overlap(imp_a: torch.Tensor, imp_b: torch.Tensor, frac: float) -> torch.Tensor:
@@ -131,16 +130,8 @@ def _check_importance(importance: torch.Tensor) -> None:
         raise ValueError(f"importance must be [layers, kv_heads, head_dim]; got shape {list(importance.shape)}.")
 
 
-@torch.no_grad()
 def capture_importance(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
     """Run ``model`` on ``input_ids`` ([T] or [B, T]) under :class:`QKCapture`; importance [L', G, D] of ``layers``."""
-    num_layers = model_facts(model).num_layers
-    chosen = list(range(num_layers)) if layers is None else sorted(set(layers))
-    capture = QKCapture(layers=chosen, num_layers=num_layers)
-    ids = input_ids[None] if input_ids.ndim == 1 else input_ids
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [T] or [B, T]; got shape {list(input_ids.shape)}.")
-    device = next(model.parameters()).device
-    with use_hook(model, capture):
-        model(input_ids=ids.to(device), use_cache=False)
+    chosen = None if layers is None else sorted(set(layers))
+    capture, _ = capture_prefill(model, input_ids, layers=chosen)
     return channel_importance(capture.queries, capture.keys)

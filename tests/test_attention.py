@@ -7,6 +7,7 @@ from leank_ref.attention import (
     ATTN_NAME,
     QKCapture,
     SimulatedLeanK,
+    SimulatedLeanKRows,
     middle_key_mask,
     use_hook,
     zero_head_rule,
@@ -89,5 +90,9 @@ def test_zero_head_rule():
 
 
 def test_simulated_rejects_bad_window():
-    with pytest.raises(ValueError, match="recent=0 >= 1"):
+    with pytest.raises(ValueError, match="recent=0.*need sink >= 0, recent >= 1"):
         SimulatedLeanK(torch.ones(1, 1, 2), sink=4, recent=0)
+    with pytest.raises(ValueError, match="sink=-1"):
+        SimulatedLeanKRows(QKCapture(values=True), torch.ones(1, 1, 1, 2), sink=-1, recent=4)
+    with pytest.raises(ValueError, match="values=True"):
+        SimulatedLeanKRows(QKCapture(), torch.ones(1, 1, 1, 2), sink=4, recent=4)

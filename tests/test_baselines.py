@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from leank_ref.attention import capture_prefill
 from leank_ref.baselines import (
     SELECTORS,
     Dense,
@@ -16,15 +17,13 @@ from leank_ref.baselines import (
     RopeLowFrequency,
     StaticImportance,
     ThinK,
-    capture_prompt,
     check_counts,
     equal_budget,
     learned_mask_path,
-    top_count_mask,
     uniform_counts,
 )
 from leank_ref.data import continuation_example
-from leank_ref.masks import binarize, kept_counts, save_mask, validate_mask
+from leank_ref.masks import binarize, kept_counts, save_mask, top_count_mask, validate_mask
 from leank_ref.models import model_facts
 from leank_ref.sparsity import rope_frequencies
 
@@ -33,7 +32,7 @@ SHAPE, ALIGN = (30, 3, 64), 16
 
 @pytest.fixture(scope="module")
 def capture(model, tokenizer):
-    return capture_prompt(model, continuation_example(tokenizer, 96, seed=5).context_ids)
+    return capture_prefill(model, continuation_example(tokenizer, 96, seed=5).context_ids)[0]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +150,7 @@ def test_rope_selector_keeps_whole_slowest_pairs(model):
 
 
 def test_per_prompt_selectors_differ_between_prompts(model, tokenizer, capture):
-    other = capture_prompt(model, continuation_example(tokenizer, 96, seed=6).context_ids)
+    other, _ = capture_prefill(model, continuation_example(tokenizer, 96, seed=6).context_ids)
     counts = uniform_counts(SHAPE, 0.7, ALIGN)
     assert not torch.equal(
         ThinK().select(model, counts, ALIGN, capture=capture), ThinK().select(model, counts, ALIGN, capture=other)

@@ -7,22 +7,13 @@ import pytest
 import torch
 
 from leank_ref.__main__ import main
-from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.baselines import learned_mask_path, top_count_mask, uniform_counts
+from leank_ref.attention import SimulatedLeanK, capture_prefill, use_hook
+from leank_ref.baselines import learned_mask_path, uniform_counts
 from leank_ref.cache import apply_leank
 from leank_ref.data import continuation_example, make_example
-from leank_ref.evaluation import (
-    EvalGrid,
-    generate_rows,
-    headline,
-    mean_interval,
-    prefill,
-    read_rows,
-    summarize,
-    teacher_forced_logprobs,
-    wilson_interval,
-)
-from leank_ref.masks import binarize, kept_counts, save_mask
+from leank_ref.evaluation import EvalGrid, generate_rows, read_rows, teacher_forced_logprobs
+from leank_ref.masks import binarize, kept_counts, save_mask, top_count_mask
+from leank_ref.stats import headline, summarize
 
 SHAPE, ALIGN = (30, 3, 64), 16
 
@@ -42,11 +33,11 @@ def test_batched_rows_equal_simulated_leank_row_by_row(model, tokenizer):
     ex = continuation_example(tokenizer, p, answer_length=12, seed=3)
     masks = three_masks()
     grid = EvalGrid(sink=sink, recent=recent)
-    capture, last = prefill(model, ex.context_ids)
+    capture, last = capture_prefill(model, ex.context_ids, values=True)
     logprobs = teacher_forced_logprobs(model, capture, ex.input_ids[p:], masks, grid)  # [3, 11, V]
     with torch.no_grad():
         dense_last = model(input_ids=ex.context_ids[None]).logits[0, -1]
-        torch.testing.assert_close(last, dense_last, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(last[0], dense_last, atol=1e-4, rtol=1e-4)
         for b in range(3):
             with use_hook(model, SimulatedLeanK(masks[b], sink, recent, decode_start=p, exclude_zero_heads=True)):
                 ref = torch.log_softmax(model(input_ids=ex.input_ids[None, :-1]).logits[0, p:].float(), -1)
@@ -60,27 +51,16 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
     masks = three_masks()[1:]
     for seed, depth in ((10, 0.3), (11, 0.7)):
         ex = make_example("passkey", tokenizer, 256, seed=seed, depth=depth)
-        capture, last = prefill(model, ex.context_ids)
-        sim = generate_rows(model, capture, int(last.argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
+        capture, last = capture_prefill(model, ex.context_ids, values=True)
+        sim = generate_rows(model, capture, int(last[0].argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
-            with apply_leank(
-                model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch"
-            ) as lk:
-                out = lk.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # either cache keyword
+            with apply_leank(model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch"):
+                out = model.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # a LeanK cache
             real_ids = out[0, ex.length_context :].tolist()
             assert real_ids == sim_ids[: len(real_ids)]
             assert tokenizer.decode(real_ids, skip_special_tokens=True).count(ex.answer) == tokenizer.decode(
                 sim_ids, skip_special_tokens=True
             ).count(ex.answer)
-
-
-def test_wilson_and_mean_intervals_known_values():
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_interval(25, 50)
-    assert (lo, hi) == pytest.approx((0.3664, 0.6336), abs=1e-4)
-    mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and hi - mean == pytest.approx(1.959964 / 3**0.5, rel=1e-5) and mean - lo == hi - mean
 
 
 def test_headline_takes_the_highest_ratio_within_two_points_of_dense():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats, save_mask, validate_mask
+from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats, save_mask, top_count_mask, validate_mask
 
 REFERENCE = Path(__file__).resolve().parent.parent / "masks" / "reference"
 RELEASED = {
@@ -155,3 +155,24 @@ def test_load_non_tensor(tmp_path):
     torch.save({"mask": torch.ones(1, 1, 8)}, tmp_path / "dict.pth")
     with pytest.raises(ValueError, match=r"holds a dict, not a \[L, G, D\] tensor"):
         load_mask(tmp_path / "dict.pth")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_factors_and_masks_are_refused(bad, tmp_path):
+    factors = torch.rand(2, 3, 16)
+    factors[1, 2, 5] = bad
+    with pytest.raises(ValueError, match=r"NaN/inf.*torch.nan_to_num"):
+        binarize(factors, 0.5, 4)
+    mask = torch.ones(2, 3, 16)
+    mask[0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"NaN/inf.*binarize finite factors"):
+        validate_mask(mask)
+    torch.save(mask, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        load_mask(tmp_path / "bad.pth")
+
+
+def test_top_count_mask_is_the_ranking_binarize_uses():
+    scores = torch.tensor([[[0.3, 0.9, 0.3, 0.1]]])
+    assert top_count_mask(scores, torch.tensor([[2]])).tolist() == [[[1.0, 1.0, 0.0, 0.0]]]  # tie: lower index
+    assert torch.equal(binarize(scores, 0.5, 1), top_count_mask(scores, torch.tensor([[3]])))  # 3 scores >= 0.3
