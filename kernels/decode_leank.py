@@ -859,7 +859,7 @@ class LeanKDecoder:
             num_stages=self.config.num_stages,
         )
         if q.device.type == "cuda" and q.data_ptr() % 16 == 0 and hasattr(compiled, "packed_metadata"):
-            self._runners[(on_device, q.stride(0), q.stride(1))] = compiled[self.grid]
+            self._runners[(on_device, q.stride(0), q.stride(1))] = compiled[(self.grid[0], 1, 1)]  # runner needs 3-D
         return self.out
 
 
