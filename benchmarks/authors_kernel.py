@@ -427,7 +427,7 @@ def leank_decoder(layer_keep: torch.Tensor, q: torch.Tensor, k_full: torch.Tenso
     """Our LeanK decode step for one layer, as a decode loop runs it: a LeanKDecoder built once, one launch a call."""
     n_mid = groups[0].k.shape[2] if groups else 0
     B, n_full = q.shape[0], k_full.shape[2]
-    dec = LeanKDecoder(HeadGroups.from_mask(layer_keep), B, H, q.dtype, q.device, n_full, n_mid)
+    dec = LeanKDecoder(HeadGroups.from_mask(layer_keep.cpu()), B, H, q.dtype, q.device, n_full, n_mid)
     mid_k, mid_v = [g.k for g in groups], [g.v for g in groups]
     return lambda: dec(q, k_full, v_full, mid_k, mid_v, (n_full, n_mid))
 
