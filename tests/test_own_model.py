@@ -119,3 +119,29 @@ class _Config:
     def __init__(self, max_position_embeddings: int = 1024, **values):
         self.max_position_embeddings = max_position_embeddings
         self.__dict__.update(values)
+
+
+def test_chapter_07_runs_on_a_tiny_qwen2(tmp_path, monkeypatch):
+    """Notebook 07 has nothing SmolLM2-specific: it runs top to bottom on another checkpoint (fast mode)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from leank_ref.scorecard import ROOT
+
+    save_tiny_model(tmp_path / "tiny_qwen2", "qwen2")
+    monkeypatch.setenv("LEANK_MODEL", str(tmp_path / "tiny_qwen2"))
+    monkeypatch.setenv("LEANK_FAST", "1")
+    monkeypatch.setenv("LEANK_FIGURES", str(tmp_path / "figures"))
+    notebook = nbformat.read(ROOT / "notebooks" / "07_your_own_model.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "model folder: tiny_qwen2 (qwen2)" in printed
+    assert "a mask keeping every channel gives the dense tokens: True" in printed
+    assert sorted(p.name for p in (tmp_path / "figures").glob("07_*.png")) == [
+        "07_importance_concentration.png",
+        "07_kept_counts.png",
+        "07_memory_vs_length.png",
+        "07_training_curves.png",
+    ]
