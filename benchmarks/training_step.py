@@ -6,7 +6,7 @@ Run from the repository root (CPU by default; ``--device cuda`` on a GPU):
         [--out benchmarks/results/training_step_cpu.json]
 
 A stage-1 step (``Trainer.step``) = one no-grad prefill of the context (its K/V cache is shared by both
-passes, SPEC section 3) + the teacher's answer tokens (no grad) + the student's answer tokens under
+passes: context queries never see pruned keys) + the teacher's answer tokens (no grad) + the student's answer tokens under
 ``SimulatedLeanK`` (with grad) + backward + AdamW + clamp. Only the answer tokens (8-32 of them) run twice, so
 the step should cost little more than the prefill; the target is <= 2.5x.
 
@@ -37,11 +37,11 @@ from leank_ref.training import (
     TrainConfig,
     Trainer,
     answer_hidden_states,
-    prefill,
+    prefill_context,
     student_hook,
 )
 
-TARGET = 2.5  # issue 4: a stage-1 step costs at most this many no-grad prefills of the same context
+TARGET = 2.5  # a stage-1 step costs at most this many no-grad prefills of the same context
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +64,7 @@ def step_parts(trainer: Trainer, example, device: torch.device) -> dict[str, flo
     parts: dict[str, float] = {}
     _sync(device)
     t0 = time.perf_counter()
-    cache = prefill(model, example)
+    cache = prefill_context(model, example)
     _sync(device)
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     examples = {task: make_example(task, tokenizer, args.context, seed=0) for task in args.tasks}
 
     for example in examples.values():  # warm-up: allocator, autograd graph, tokenizer caches
-        prefill(model, example)
+        prefill_context(model, example)
         trainer.step(example)
 
     per_task = {}
     for task, example in examples.items():
         prefills, steps = [], []
         for _ in range(args.repeats):  # alternate, so both see the same load
-            prefills.append(timed(lambda: prefill(model, example), device))
+            prefills.append(timed(lambda: prefill_context(model, example), device))
             steps.append(timed(lambda: trainer.step(example), device))
         parts = [step_parts(trainer, example, device) for _ in range(max(3, args.repeats // 2))]
         median_parts = {k: statistics.median(p[k] for p in parts) for k in parts[0]}

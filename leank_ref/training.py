@@ -1,4 +1,4 @@
-"""LeanK's two training stages (SPEC sections 3-4): learn channel factors, then fine-tune them under a binary mask.
+"""LeanK's two training stages (Zhang et al., 2025, section 3): learn channel factors, then fine-tune them under a mask.
 
 Stage 1 learns one factor per K channel, ``s`` [L, G, D], all model weights frozen. The student is the model
 whose decode queries see ``K * s`` for middle keys (:class:`~leank_ref.attention.SimulatedLeanK`); the
@@ -7,9 +7,17 @@ hidden states (after the last norm, fp32) + ``reg_weight * mean(|s|)``. AdamW, t
 ``s`` clamped into [0, 1] after every step.
 
 Stage 2 starts from the stage-1 factors: every step binarizes them (:func:`~leank_ref.masks.binarize`,
-alignment-aware) and the forward pass uses ``where(mask, s, 0)`` through a straight-through estimator, so a
-pruned channel still gets a gradient and can come back. ``reg_weight`` 0, lr 0.01, 200 steps. The shipped
-mask is the binarization of the final factors.
+alignment-aware) and the forward pass runs under that mask through a straight-through estimator, so a pruned
+channel still gets a gradient and can come back. ``reg_weight`` 0, lr 0.01, 200 steps. The shipped mask is
+the binarization of the final factors. Two variants of the forward pass (``TrainConfig.variant``):
+
+* ``"deployed"`` (the default) trains exactly what the LeanK cache computes: kept channels enter the logits
+  unscaled (the hard 0/1 mask), and a head with no kept channel skips its middle tokens (logit -inf, see
+  :func:`~leank_ref.attention.zero_head_rule`). The gradient reaches the factors straight through the mask.
+  Such a head's factors get no gradient (the loss does not depend on them); it regains channels only when
+  other factors fall below its own.
+* ``"authors"``: the authors' code, ``where(mask, s, 0)`` (kept channels scaled by their factor) and a zero
+  head's middle keys at logit 0. What it trains differs from what the cache deploys in both respects.
 
 The shared prefill: context queries attend normally in both passes, so the context's K/V cache does not
 depend on ``s``. One no-grad prefill serves the teacher and the student; only the answer tokens run twice.
@@ -27,13 +35,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.cache import cache_argument
 from leank_ref.data import IGNORE_INDEX, TASKS, Example, make_example
 from leank_ref.masks import binarize, check_align, check_ratio, check_shape, mask_stats
-from leank_ref.models import model_facts
+from leank_ref.models import cache_argument, model_facts
 
 CHECKPOINT_FORMAT = "leank_ref.training/1"
 LOW_FACTOR = 0.1  # the log reports the share of factors below this
+STAGE2_VARIANTS = ("deployed", "authors")  # see the module docstring
 
 
 @dataclass
@@ -55,7 +63,7 @@ class TrainConfig:
     warmup: float = 0.2  # share of steps warming up (authors: steps // 5)
     decay: float = 0.2  # share of steps decaying at the end (authors: steps // 5)
     lr_floor: float = 0.1  # the schedule never goes below this share of lr (authors: 0.1)
-    exclude_zero_heads: bool = False  # authors' training: a zero head's middle keys keep logit 0
+    variant: str = "deployed"  # stage 2's forward pass: "deployed" (exact cache attention) or "authors"
     seed: int = 0
 
     @classmethod
@@ -84,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"sink={self.sink} must be >= 0 and recent={self.recent} >= 1.")
         if not 0 < self.context_min <= self.context_max:
             raise ValueError(f"context_min={self.context_min} and context_max={self.context_max} need 0 < min <= max.")
+        if self.variant not in STAGE2_VARIANTS:
+            raise ValueError(f"variant={self.variant!r}: choose one of {list(STAGE2_VARIANTS)}.")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks={list(self.tasks)}: choose one or more of {sorted(TASKS)}.")
@@ -127,7 +137,7 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def prefill(model, example: Example) -> DynamicCache:
+def prefill_context(model, example: Example) -> DynamicCache:
     """Run the context once with default attention and return its K/V cache (no grad: it never depends on s)."""
     if bool((example.labels[: example.length_context] != IGNORE_INDEX).any()):
         raise ValueError("labels before length_context must be -100: the loss is taken on the answer tokens only.")
@@ -156,20 +166,35 @@ def answer_hidden_states(model, cache: DynamicCache, example: Example, hook=None
     return out.last_hidden_state[0, keep].float()  # [n_labels, hidden]
 
 
-def student_hook(scale: torch.Tensor, example: Example, config: TrainConfig) -> SimulatedLeanK:
-    """LeanK's simulated attention for this example: answer queries see ``K * scale`` for middle keys."""
+def excludes_zero_heads(config: TrainConfig) -> bool:
+    """Whether the student skips a zero-count head's middle tokens: stage 2's deployed variant only.
+
+    Stage 1 and the authors' stage 2 give them logit 0, as the authors' training does.
+    """
+    return config.stage == 2 and config.variant == "deployed"
+
+
+def student_hook(
+    scale: torch.Tensor, example: Example, config: TrainConfig, deployed: bool | None = None
+) -> SimulatedLeanK:
+    """LeanK's simulated attention for this example: answer queries see ``K * scale`` for middle keys.
+
+    ``deployed`` (default: :func:`excludes_zero_heads` of ``config``) makes a head whose scale is all zero
+    skip its middle tokens, as the deployed cache does; with a 0/1 ``scale`` the hook is then exactly the
+    deployed attention.
+    """
     return SimulatedLeanK(
         scale,
         config.sink,
         config.recent,
         decode_start=example.length_context,
-        exclude_zero_heads=config.exclude_zero_heads,
+        exclude_zero_heads=excludes_zero_heads(config) if deployed is None else deployed,
     )
 
 
 def distillation_loss(model, example: Example, scale: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """Mean over answer positions of MSE(teacher, student) final hidden states, with one shared prefill."""
-    cache = prefill(model, example)
+    cache = prefill_context(model, example)
     with torch.no_grad():
         teacher = answer_hidden_states(model, cache, example)  # [n_labels, hidden]
     student = answer_hidden_states(model, cache, example, student_hook(scale, example, config))
@@ -178,38 +203,54 @@ def distillation_loss(model, example: Example, scale: torch.Tensor, config: Trai
 
 @torch.no_grad()
 def evaluate_scales(
-    model, examples: list[Example], scales: dict[str, torch.Tensor], config: TrainConfig, progress: bool = False
+    model,
+    examples: list[Example],
+    scales: dict[str, torch.Tensor],
+    config: TrainConfig,
+    progress: bool = False,
+    deployed: bool | None = None,
 ) -> dict[str, list[float]]:
-    """Distillation loss of each named scale (factors or 0/1 mask) on each example; one prefill per example."""
+    """Distillation loss of each named scale (factors or 0/1 mask) on each example; one prefill per example.
+
+    ``deployed=True`` scores a 0/1 mask exactly as the LeanK cache runs it (zero-count heads skip their middle
+    tokens); ``False`` gives those heads logit 0, as the authors' training does; ``None`` follows ``config``.
+    """
     losses: dict[str, list[float]] = {name: [] for name in scales}
     for example in tqdm(examples, desc="evaluate", disable=not progress):
-        cache = prefill(model, example)
+        cache = prefill_context(model, example)
         teacher = answer_hidden_states(model, cache, example)
         for name, scale in scales.items():
-            student = answer_hidden_states(model, cache, example, student_hook(scale, example, config))
+            student = answer_hidden_states(model, cache, example, student_hook(scale, example, config, deployed))
             losses[name].append(float((student - teacher).pow(2).mean(-1).mean()))
     return losses
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stage 2's straight-through estimator and the learning-rate schedule.
+# Stage 2's straight-through estimators and the learning-rate schedule.
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: ``where(mask == 1, s, 0)``; backward: the gradient passes to ``s`` unchanged."""
+    """Forward: ``where(mask == 1, s, 0)`` (``hard=False``) or the mask itself (``hard=True``); backward: the
+    gradient passes to ``s`` unchanged."""
 
     @staticmethod
-    def forward(ctx, factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, factors: torch.Tensor, mask: torch.Tensor, hard: bool) -> torch.Tensor:
+        if hard:
+            return mask.clone()
         return torch.where(mask == 1, factors, torch.zeros_like(factors))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
 
 
-def straight_through(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked factors [L, G, D] whose gradient reaches every factor, pruned ones too (stage 2)."""
-    return _StraightThrough.apply(factors, mask.to(factors.device, factors.dtype))
+def straight_through(factors: torch.Tensor, mask: torch.Tensor, hard: bool = False) -> torch.Tensor:
+    """Stage 2's scale [L, G, D] whose gradient reaches every factor, pruned ones too.
+
+    ``hard=False``: the authors' masked factors ``where(mask, s, 0)``. ``hard=True``: the 0/1 mask itself,
+    the deployed forward pass (kept channels unscaled).
+    """
+    return _StraightThrough.apply(factors, mask.to(factors.device, factors.dtype), hard)
 
 
 @dataclass
@@ -322,7 +363,7 @@ class Trainer:
         record = {"step": self.next_step}
         if cfg.stage == 2:
             mask = self.current_mask()  # recomputed from the current factors every step
-            scale = straight_through(self.factors, mask)
+            scale = straight_through(self.factors, mask, hard=cfg.variant == "deployed")
             record["pruned_ratio"] = 1.0 - float(mask.mean())
             record["mask_changes"] = 0 if self._last_mask is None else int((mask != self._last_mask).sum())
             self._last_mask = mask
@@ -455,11 +496,6 @@ class Trainer:
         return TrainResult(factors, mask, list(self.log), time.perf_counter() - start)
 
 
-def train(model, tokenizer, config: TrainConfig, factors: torch.Tensor | None = None, **run_kwargs) -> TrainResult:
-    """Run one stage from scratch (or resume): ``Trainer(model, tokenizer, config, factors).run(**run_kwargs)``."""
-    return Trainer(model, tokenizer, config, factors).run(**run_kwargs)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Command line: ``python -m leank_ref train --stage 1|2 ...`` (registered in ``leank_ref/__main__.py``).
 
@@ -498,10 +534,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="training mixture (default: all three)")
     parser.add_argument("--init", type=float, help="starting factor for stage 1 (default 1.0)")
     parser.add_argument(
-        "--exclude-zero-heads",
-        action="store_true",
-        default=None,
-        help="train with the deployed meaning of zero-count heads (default: the authors' logit 0)",
+        "--stage2-variant",
+        choices=STAGE2_VARIANTS,
+        help="stage 2's forward pass: 'deployed' (default; the cache's exact attention: 0/1 mask, zero-count heads "
+        "skip their middle tokens) or 'authors' (where(mask, s, 0), zero-count heads' middle keys at logit 0)",
     )
     parser.add_argument("--seed", type=int, help="data and RNG seed (default 0)")
     parser.add_argument(
@@ -549,7 +585,7 @@ def run_command(args) -> int:
         context_max=args.context_max,
         tasks=args.tasks,
         init=args.init,
-        exclude_zero_heads=args.exclude_zero_heads,
+        variant=args.stage2_variant,
         seed=args.seed,
     )
     factors = load_factors(args.factors, shape) if args.factors else None
@@ -592,7 +628,13 @@ def run_command(args) -> int:
     }
     if config.stage == 2:
         stats = mask_stats(result.mask, config.context_max, config.sink, config.recent)
-        meta["mask"] = {"target_ratio": config.ratio, "align": config.align, **asdict(stats)}
+        meta["stage2_variant"] = config.variant
+        meta["mask"] = {
+            "target_ratio": config.ratio,
+            "realised_ratio": stats.pruned_ratio,
+            "align": config.align,
+            **asdict(stats),
+        }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}, {meta_path}, {log_path}")
     return 0

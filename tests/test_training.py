@@ -1,4 +1,5 @@
-"""Two-stage training on the real SmolLM2: the shared-prefill shortcut, STE, schedule, resume, masks, CLI, errors."""
+"""Two-stage training on the real SmolLM2: the shared-prefill shortcut, STE, deploy-exact stage 2, schedule, resume,
+masks, CLI, errors."""
 
 import json
 
@@ -6,17 +7,21 @@ import pytest
 import torch
 
 from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.masks import kept_counts, load_mask, validate_mask
+from leank_ref.masks import binarize, kept_counts, load_mask, validate_mask
+from leank_ref.models import masks_dir
 from leank_ref.training import (
     TrainConfig,
     Trainer,
     TrapezoidSchedule,
+    answer_hidden_states,
     distillation_loss,
     evaluate_scales,
     held_out_examples,
     load_factors,
+    prefill_context,
     save_factors,
     straight_through,
+    student_hook,
     training_example,
 )
 
@@ -37,6 +42,16 @@ def test_straight_through_passes_gradient_unchanged():
     assert torch.equal(masked, torch.where(mask == 1, factors, torch.zeros_like(factors)))
     (masked * upstream).sum().backward()
     assert torch.equal(factors.grad, upstream)  # pruned channels get the gradient too (plain masking would zero it)
+
+
+def test_hard_straight_through_forwards_the_mask_and_passes_gradient_unchanged():
+    factors = torch.rand(SHAPE, requires_grad=True)
+    mask = (torch.rand(SHAPE) < 0.3).float()
+    upstream = torch.randn(SHAPE)
+    scale = straight_through(factors, mask, hard=True)
+    assert torch.equal(scale, mask)  # kept channels unscaled: exactly the deployed 0/1 mask
+    (scale * upstream).sum().backward()
+    assert torch.equal(factors.grad, upstream)
 
 
 def test_trapezoid_schedule_matches_the_authors_formula():
@@ -178,3 +193,61 @@ def test_command_line_writes_factors_mask_metadata_and_log(tmp_path):
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["mask"]["pruned_ratio"] == pytest.approx(1 - float(mask.mean()))
     assert meta["config"]["lr"] == 0.01 and meta["config"]["reg_weight"] == 0.0  # the authors' stage-2 values
+
+
+SHIPPED_FACTORS = masks_dir() / "smollm2-135m_stage1_factors.pth"
+
+
+def leank_cache_hidden_states(model, example, mask, config) -> torch.Tensor:
+    """Final hidden states [n_labels, hidden] of the answer tokens, decoded one token at a time through the real
+    LeanK cache (block 1, so the recent window is exactly ``config.recent``), teacher-forced."""
+    from leank_ref.cache import LeanKCache
+    from leank_ref.models import cache_argument
+
+    n = example.length_context
+    keyword = cache_argument(model.base_model)
+    cache = LeanKCache(model, mask, config.sink, config.recent, block=1, backend="torch")
+    states = []
+    with torch.no_grad():
+        model.base_model(input_ids=example.context_ids[None], use_cache=True, **{keyword: cache})
+        for token in example.input_ids[n:]:
+            out = model.base_model(input_ids=token.view(1, 1), use_cache=True, **{keyword: cache})
+            states.append(out.last_hidden_state[0, -1].float())
+    keep = example.labels[n:] != -100
+    return torch.stack(states)[keep]  # [n_labels, hidden]
+
+
+def test_deployed_stage2_forward_equals_the_leank_cache_and_the_authors_one_does_not(model, tokenizer):
+    config = TrainConfig.for_stage(2, ratio=0.7, context_min=300, context_max=300, tasks=("passkey",))
+    example = training_example(tokenizer, config, 0)
+    factors = load_factors(SHIPPED_FACTORS, SHAPE).requires_grad_(True)
+    mask = binarize(factors.detach(), 0.7, 16)
+    assert int((kept_counts(mask) == 0).sum()) > 0  # the zero-count-head rule is exercised
+
+    cache = prefill_context(model, example)
+    deployed = answer_hidden_states(
+        model, cache, example, student_hook(straight_through(factors, mask, hard=True), example, config)
+    )
+    authors_config = TrainConfig.for_stage(2, ratio=0.7, variant="authors")
+    authors = answer_hidden_states(
+        model, cache, example, student_hook(straight_through(factors, mask), example, authors_config)
+    )
+    reference = leank_cache_hidden_states(model, example, mask, config)
+
+    torch.testing.assert_close(deployed.detach(), reference, rtol=1e-4, atol=1e-4)
+    assert float((authors.detach() - reference).abs().max()) > 1e-2  # the authors' forward is another model
+    deployed.pow(2).sum().backward()
+    assert bool((factors.grad != 0).any())  # and the hard forward still sends a gradient to the factors
+
+
+def test_short_deployed_stage2_run_changes_the_mask_and_lowers_the_deployed_loss(model, tokenizer):
+    config = TrainConfig.for_stage(2, steps=6, ratio=0.7, lr=0.02, **SHORT)
+    assert config.variant == "deployed"  # the default
+    trainer = Trainer(model, tokenizer, config, load_factors(SHIPPED_FACTORS, SHAPE))
+    start = trainer.current_mask()
+    result = trainer.run(progress=False)
+
+    assert sum(rec["mask_changes"] for rec in result.log) > 0 and not torch.equal(result.mask, start)
+    seen = [training_example(tokenizer, config, i) for i in range(config.steps)]  # the run's own examples
+    losses = evaluate_scales(model, seen, {"start": start, "end": result.mask}, config, deployed=True)
+    assert sum(losses["end"]) < sum(losses["start"])
