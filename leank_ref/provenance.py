@@ -16,7 +16,10 @@ COMMIT_ENV = "LEANK_REF_GIT_COMMIT"  # set it where the code runs from a copy wi
 
 
 def git_commit() -> str:
-    """HEAD's commit (``+dirty`` if tracked files changed), else $LEANK_REF_GIT_COMMIT, else 'unknown'."""
+    """$LEANK_REF_GIT_COMMIT when set (a copy whose git metadata may be stale), else HEAD (``+dirty`` if tracked
+    files changed), else 'unknown'."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     root = Path(leank_ref.__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -29,7 +32,7 @@ def git_commit() -> str:
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get(COMMIT_ENV, "unknown")
+        return "unknown"
 
 
 def device_name(device: str | torch.device) -> str:
