@@ -15,11 +15,12 @@ softmax over the union of the parts, with few small ops per layer (CPU speed is 
 Triton kernel of ``leank_ref.kernels`` instead splits the tokens across programs and merges the parts
 with their log-sum-exp (split-KV flash decoding); both compute the same attention.
 
-:class:`LeanKAttention` is the hook ``apply_leank`` installs with :func:`leank_ref.attention.use_hook`:
-at prefill it runs ordinary attention (as the authors do); at decode it reads the compact store of
-the layer the cache has just updated and runs :func:`leank_decode_torch` or the Triton kernel
-(``backend="triton"``, or ``"auto"`` on CUDA). The Triton path builds one ``LeanKDecoder`` per layer at the
-first decode step and keeps it on the layer, so each later step is a single kernel launch.
+:class:`LeanKAttention` is the attention each ``LeanKCache`` brings along (its update routes the
+layer's next attention call to it, see ``leank_ref.cache``): at prefill it runs ordinary attention (as
+the authors do); at decode it reads the compact store of the layer the cache has just updated and runs
+:func:`leank_decode_torch` or the Triton kernel (``backend="triton"``, or ``"auto"`` on CUDA). The
+Triton path builds one ``LeanKDecoder`` per layer at the first decode step and keeps it on the layer,
+so each later step is a single kernel launch.
 """
 
 from __future__ import annotations
@@ -170,11 +171,10 @@ def check_no_padding(attention_mask: torch.Tensor | None) -> None:
 
 
 class LeanKAttention:
-    """The hook ``apply_leank`` installs: ordinary attention at prefill, LeanK decode attention after it.
+    """A LeanK cache's attention: ordinary attention at prefill, LeanK decode attention after it.
 
-    A ``LeanKCache`` layer announces itself in ``pending`` when the model updates it; the hook, called
-    right after for the same layer, takes it and reads its store. With nothing pending (another cache,
-    or no cache) the hook is plain SDPA, so the model behaves densely.
+    A ``LeanKCache`` layer announces itself in ``pending`` when the model updates it; this attention, called
+    right after for the same layer, takes it and reads its store. With nothing pending it is plain SDPA.
     """
 
     def __init__(self, backend: str = "auto"):
