@@ -58,6 +58,7 @@ from .decode import LeanKAttention
 from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows
 from .masks import check_align, kept_counts, validate_mask
 from .models import cache_argument, check_supported, model_facts
+from .static_decode import LengthMaskedAttention
 
 __all__ = ["LeanKCache", "LeanKHandle", "MemoryReport", "apply_leank", "cache_argument", "memory_formula"]
 
@@ -121,6 +122,7 @@ class LeanKLayer(CacheLayerMixin):
         attention: LeanKAttention,
         config,
         max_tokens: int | None = None,
+        static: bool = False,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -133,25 +135,38 @@ class LeanKLayer(CacheLayerMixin):
         self.length = 0  # tokens seen (sink + middle + recent, including the compacted ones)
         self.middle = 0  # tokens compacted into the middle store
         self.n_full = 0  # tokens in the full window (sink + recent)
+        self.static = static  # whole buffers, lengths on the device: a decode step has fixed shapes and addresses
+        self.driven = False  # static: a decode loop keeps the host counters (begin_step / end_step), not update
+        self.lengths: torch.Tensor | None = None  # static: int32 [2] on the device, (n_full, middle)
 
     # -- storage ------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         """Allocate the full-window buffer and the (reserved) middle buffers on the keys' device and dtype."""
         b, g, _, d = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
-        self._kv_full = key_states.new_empty(2, b, g, self.sink + self.recent + self.block, d)  # K and V
+        new = key_states.new_zeros if self.static else key_states.new_empty  # static: unused slots stay finite
+        self._kv_full = new(2, b, g, self.sink + self.recent + self.block, d)  # K and V
         self._heads = [h.to(self.device) for h in self.heads.kv_heads]
         self._channels = [c.to(self.device) for c in self.heads.channels]
         reserve = middle_length(self.max_tokens, self.sink, self.recent, self.block) if self.max_tokens else 0
-        self._mid_k = [
-            key_states.new_empty(b, len(h), reserve, c.shape[1]) for h, c in zip(self._heads, self._channels)
-        ]
-        self._mid_v = [key_states.new_empty(b, len(h), reserve, d) for h in self._heads]
+        self._mid_k = [new(b, len(h), reserve, c.shape[1]) for h, c in zip(self._heads, self._channels)]
+        self._mid_v = [new(b, len(h), reserve, d) for h in self._heads]
+        if self.static:
+            self.lengths = torch.zeros(2, dtype=torch.int32, device=self.device)
+            self._one_more = torch.tensor([1, 0], dtype=torch.int32, device=self.device)
         self.is_initialized = True
         self._refresh_views()
 
     def _refresh_views(self, middle: bool = True) -> None:
-        """Point ``keys``, ``values`` (and ``groups``) at the filled part of the buffers (views, no copies)."""
+        """Point ``keys``, ``values`` (and ``groups``) at the filled part of the buffers (views, no copies).
+
+        Static: at the whole buffers (fixed shapes and addresses), and ``lengths`` holds the filled sizes.
+        """
+        if self.static:
+            self.keys, self.values = self._kv_full[0], self._kv_full[1]
+            self.groups = [MiddleGroup(*parts) for parts in zip(self._heads, self._channels, self._mid_k, self._mid_v)]
+            self.lengths.copy_(torch.tensor([self.n_full, self.middle], dtype=torch.int32))
+            return
         self.keys = self._kv_full[0, :, :, : self.n_full]
         self.values = self._kv_full[1, :, :, : self.n_full]
         if not middle:
@@ -167,6 +182,10 @@ class LeanKLayer(CacheLayerMixin):
         capacity = self._mid_v[0].shape[2] if self._mid_v else tokens
         if tokens <= capacity:
             return
+        if self.static:
+            raise ValueError(
+                f"a static LeanKCache holds at most max_tokens={self.max_tokens} tokens; give a larger max_tokens."
+            )
         new = max(tokens, 2 * capacity)
         new = -(-new // self.block) * self.block
         for store in (self._mid_k, self._mid_v):
@@ -207,22 +226,70 @@ class LeanKLayer(CacheLayerMixin):
                 "use a new cache."
             )
         if prefill:
+            if self.static and self.max_tokens < t:
+                raise ValueError(
+                    f"a {t}-token prompt does not fit a static LeanKCache of max_tokens={self.max_tokens}."
+                )
             self._prefill(key_states, value_states)
             self._announce(prefill)
             return key_states, value_states
+        if self.static:
+            return self._static_update(key_states, value_states)
         self._kv_full[0, :, :, self.n_full] = key_states[:, :, 0]
         self._kv_full[1, :, :, self.n_full] = value_states[:, :, 0]
         self.n_full += 1
         self.length += 1
         n = middle_length(self.length, self.sink, self.recent, self.block) - self.middle
         if n > 0:  # the recent part reached recent + block tokens: compact its oldest block
-            s, kv = self.sink, self._kv_full
-            self._to_middle(kv[0, :, :, s : s + n], kv[1, :, :, s : s + n])
-            kv[:, :, :, s : self.n_full - n] = kv[:, :, :, s + n : self.n_full].clone()  # shift the recent part
-            self.n_full -= n
+            self._compact(n)
         self._refresh_views(middle=n > 0)
         self._announce(prefill)
         return self.keys, self.values
+
+    def _compact(self, n: int) -> None:
+        """Move the ``n`` oldest recent tokens into the middle store and shift the rest of the recent part left."""
+        s, kv = self.sink, self._kv_full
+        self._to_middle(kv[0, :, :, s : s + n], kv[1, :, :, s : s + n])
+        kv[:, :, :, s : self.n_full - n] = kv[:, :, :, s + n : self.n_full].clone()
+        self.n_full -= n
+
+    # -- static decoding: fixed shapes, so a decode step can be captured as a CUDA graph --------------------------
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write the new token at slot ``lengths[0]`` and count it, all on the device; return the whole buffers.
+
+        Compaction (once per ``block`` tokens) happens before the step, in :meth:`begin_step`, outside any graph:
+        the recent part then never exceeds the buffer, exactly as the dynamic cache compacts after its append.
+        """
+        if not self.driven:
+            self.begin_step()
+        slot = self.lengths[:1].long()  # [1]: the first free full-window slot
+        self._kv_full.index_copy_(3, slot, torch.stack([key_states, value_states]))
+        self.lengths.add_(self._one_more)
+        if not self.driven:
+            self.end_step()
+        self._announce(False)
+        return self.keys, self.values
+
+    def begin_step(self) -> None:
+        """Static: compact a block if the next token makes the recent part reach ``recent + block`` tokens."""
+        n = middle_length(self.length + 1, self.sink, self.recent, self.block) - self.middle
+        if n > 0:
+            self._compact(n)
+            self._refresh_views()
+
+    def end_step(self) -> None:
+        """Static: count the token a decode step appended (its device side already counted it in ``lengths``)."""
+        self.length += 1
+        self.n_full += 1
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, list[MiddleGroup]]:
+        """Views of the stored tokens only: full-window K, V [B, G, n_full, D] and each group's middle tokens."""
+        m = self.middle
+        groups = [
+            MiddleGroup(h, c, k[:, :, :m], v[:, :, :m])
+            for h, c, k, v in zip(self._heads, self._channels, self._mid_k, self._mid_v)
+        ]
+        return self._kv_full[0, :, :, : self.n_full], self._kv_full[1, :, :, : self.n_full], groups
 
     def _announce(self, prefill: bool) -> None:
         """Hand this layer to its LeanK attention and route the model's next attention call to it."""
@@ -376,6 +443,10 @@ class LeanKCache(Cache):
     ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA). ``max_tokens`` (prompt + new tokens) reserves the
     middle store up front, so it never grows while decoding. One cache serves one sequence batch; start a new
     one for the next prompt.
+
+    ``static=True`` (needs ``max_tokens``) preallocates everything and keeps the filled lengths on the device, so
+    a decode step has fixed shapes and addresses and can be captured once as a CUDA graph and replayed: see
+    :func:`leank_ref.static_decode.greedy_decode`. It decodes the same tokens as the default cache.
     """
 
     def __init__(
@@ -389,6 +460,7 @@ class LeanKCache(Cache):
         align: int | None = None,
         backend: str = "auto",
         max_tokens: int | None = None,
+        static: bool = False,
     ):
         config = getattr(model, "config", model)
         check_supported(config)
@@ -403,26 +475,52 @@ class LeanKCache(Cache):
         align = facts.head_dim // 4 if align is None else align
         check_align(align, facts.head_dim)
         check_windows(sink, recent, block)
-        self.attention = LeanKAttention(backend)
+        if static and (max_tokens is None or max_tokens < 1):
+            raise ValueError("static=True preallocates the cache: give max_tokens (prompt + new tokens).")
+        self.attention = LengthMaskedAttention(backend) if static else LeanKAttention(backend)
+        self.static, self.max_tokens = static, max_tokens
         if backend == "triton" and align % MIN_KEPT:
             raise ValueError(f"backend='triton' needs align to be a multiple of {MIN_KEPT}; got align={align}.")
         mask = validate_mask(torch.as_tensor(mask), facts.mask_shape, align).cpu()
         self.mask, self.sink, self.recent, self.block, self.align = mask, sink, recent, block, align
         layers = [
-            LeanKLayer(i, HeadGroups.from_mask(mask[i]), sink, recent, block, self.attention, config, max_tokens)
+            LeanKLayer(
+                i, HeadGroups.from_mask(mask[i]), sink, recent, block, self.attention, config, max_tokens, static
+            )
             for i in range(mask.shape[0])
         ]
         super().__init__(layers=layers)
+
+    @property
+    def driven(self) -> bool:
+        """Static: whether a decode loop calls :meth:`begin_step` / :meth:`end_step` (a CUDA graph runs no Python)."""
+        return self.layers[0].driven
+
+    @driven.setter
+    def driven(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.driven = value
+
+    def begin_step(self) -> None:
+        """Static: the host work before a decode step (a compaction once per ``block`` tokens)."""
+        for layer in self.layers:
+            layer.begin_step()
+
+    def end_step(self) -> None:
+        """Static: count the token the decode step just appended."""
+        for layer in self.layers:
+            layer.end_step()
 
     def memory_report(self) -> MemoryReport:
         """Bytes held by the stored tokens' tensors, summed over layers, beside a dense cache of the same length."""
         live = [layer for layer in self.layers if layer.is_initialized]
         if not live:
             raise ValueError("the cache is empty: run a prefill (or generate) before asking for its memory.")
-        full_k = sum(_nbytes(layer.keys) for layer in live)
-        full_v = sum(_nbytes(layer.values) for layer in live)
-        middle_k = sum(_nbytes(g.k) for layer in live for g in layer.groups)
-        middle_v = sum(_nbytes(g.v) for layer in live for g in layer.groups)
+        stored = [layer.stored() for layer in live]
+        full_k = sum(_nbytes(k) for k, _, _ in stored)
+        full_v = sum(_nbytes(v) for _, v, _ in stored)
+        middle_k = sum(_nbytes(g.k) for _, _, groups in stored for g in groups)
+        middle_v = sum(_nbytes(g.v) for _, _, groups in stored for g in groups)
         allocated = sum(
             _nbytes(layer._kv_full) + sum(_nbytes(t) for t in layer._mid_k + layer._mid_v) for layer in live
         )
@@ -512,8 +610,9 @@ class LeanKHandle:
     cache: LeanKCache | None = field(default=None, init=False, repr=False)
     _hooks: tuple | None = field(default=None, init=False, repr=False)  # (pre-hook handle, generate wrapper)
 
-    def new_cache(self, max_tokens: int | None = None) -> LeanKCache:
-        """A fresh, empty LeanK cache with this handle's settings (``max_tokens`` reserves its middle store)."""
+    def new_cache(self, max_tokens: int | None = None, static: bool = False) -> LeanKCache:
+        """A fresh, empty LeanK cache with this handle's settings (``max_tokens`` reserves its middle store;
+        ``static`` preallocates everything for CUDA-graph decoding, see :class:`LeanKCache`)."""
         return LeanKCache(
             self.model,
             self.mask,
@@ -523,6 +622,7 @@ class LeanKHandle:
             align=self.align,
             backend=self.backend,
             max_tokens=max_tokens,
+            static=static,
         )
 
     @property

@@ -175,6 +175,7 @@ def load_model(
 ):
     """Load (model, tokenizer): the embedded SmolLM2-135M-Instruct by default, or a local Llama/Qwen2 folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if name_or_path is None:
         path = default_model_path()
@@ -191,7 +192,13 @@ def load_model(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but no CUDA device is available; use device='cpu'.")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a load takes seconds; its bar would only print timings into notebooks
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

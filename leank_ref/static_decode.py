@@ -1,0 +1,148 @@
+"""Decoding with a preallocated LeanK cache: one decode step of fixed shapes, captured once as a CUDA graph.
+
+Eager decoding spends most of a short step on the host: Python, transformers' bookkeeping and one kernel launch
+after another. A CUDA graph records the launches of one step once and replays them with a single call, but only if
+every replay touches the same addresses with the same shapes. A ``LeanKCache(..., static=True, max_tokens=N)``
+gives exactly that:
+
+* its full window (sink + recent + one block of slots) and its middle groups (room for every middle token up to
+  ``N``) are allocated once, and attention always reads the whole buffers;
+* how much of them is filled lives on the device, ``lengths = (n_full, n_mid)`` per layer: a step writes the new
+  token at slot ``n_full`` and adds one, on the device, so the replayed step needs no Python;
+* the compaction of a block (once every ``block`` tokens) runs eagerly *between* replays (``begin_step``): it
+  moves data inside the fixed buffers and rewrites ``lengths``, addresses stay the same.
+
+Attention then masks what is not filled: the Triton kernel takes ``lengths`` itself; the torch path below sets
+the logits of unfilled slots to ``-inf`` (buffers start zeroed, so no slot holds a NaN). :func:`greedy_decode`
+is the decode loop: prefill eagerly, then one step per token, replayed from a graph on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .decode import LeanKAttention
+from .layout import MiddleGroup
+from .models import cache_argument
+
+
+def leank_decode_torch_masked(
+    q: torch.Tensor,
+    k_full: torch.Tensor,
+    v_full: torch.Tensor,
+    groups: list[MiddleGroup],
+    lengths: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """LeanK decode attention over whole buffers, of which the first ``lengths = (n_full, n_mid)`` are filled.
+
+    q [B, H, D]; k_full, v_full [B, G, F, D] (F slots); each group's k [B, Gc, M, c], v [B, Gc, M, D] (M slots).
+    The same softmax as :func:`leank_ref.decode.leank_decode_torch` over the filled slots (float32): [B, H, D].
+    """
+    b, h, d = q.shape
+    g, f = k_full.shape[1], k_full.shape[2]
+    m = groups[0].k.shape[2] if groups else 0
+    r = h // g
+    qf = (q.float() * scaling).view(b, g, r, d)
+    logits = qf.new_full((b, g, r, f + m), float("-inf"))  # the middle of a head that keeps nothing stays -inf
+    logits[..., :f] = qf @ k_full.float().transpose(-1, -2)
+    for grp in groups:
+        index = grp.channels[None, :, None, :].expand(b, -1, r, -1)  # [B, Gc, r, c]
+        q_kept = torch.gather(qf.index_select(1, grp.kv_heads), -1, index)
+        logits[:, grp.kv_heads, :, f:] = q_kept @ grp.k.float().transpose(-1, -2)
+    slot = torch.arange(f + m, device=q.device)
+    filled = torch.where(slot < f, slot < lengths[0], slot - f < lengths[1])  # [F + M]
+    p = torch.softmax(logits.masked_fill(~filled, float("-inf")), -1)
+    out = p[..., :f] @ v_full.float()
+    for grp in groups:
+        out.index_add_(1, grp.kv_heads, p[:, grp.kv_heads, :, f:] @ grp.v.float())
+    return out.view(b, h, d).to(q.dtype)
+
+
+class LengthMaskedAttention(LeanKAttention):
+    """The decode hook of a static LeanK cache: the whole buffers, filled lengths read from ``store.lengths``."""
+
+    def decode(self, store, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        if self.uses_triton(query.device):  # the Triton decoder reads store.lengths itself
+            return super().decode(store, query, scaling)
+        q = query[:, :, 0]
+        return leank_decode_torch_masked(q, store.keys, store.values, store.groups, store.lengths, scaling)[:, None]
+
+
+def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
+    """Warm ``step`` up on a side stream (then undo its effect on ``state``), capture it once; return the replay."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # first calls compile kernels and allocate workspaces, which a capture must not do
+            step()
+            for t, s in zip(state, saved):
+                t.copy_(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@torch.no_grad()
+def greedy_decode(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    cache,
+    cuda_graph: bool | None = None,
+    output_logits: bool = False,
+):
+    """Greedy decoding with a static LeanK cache: ``input_ids`` [B, P] -> [B, P + max_new_tokens].
+
+    ``cache``: a fresh ``LeanKCache(model, mask, ..., static=True, max_tokens >= P + max_new_tokens)``. The
+    prompt is a normal (eager) forward pass; each new token is one step of fixed shapes, captured once as a CUDA
+    graph and replayed when ``cuda_graph`` (default: on CUDA), or run eagerly (the same code, e.g. on CPU). With
+    ``output_logits`` it also returns the logits of every new token, [B, max_new_tokens, V].
+    """
+    b, p = input_ids.shape
+    if not getattr(cache, "static", False):
+        raise ValueError("greedy_decode needs LeanKCache(model, mask, ..., static=True, max_tokens=...).")
+    if cache.get_seq_length():
+        raise ValueError("greedy_decode needs a fresh cache (this one already holds tokens).")
+    if max_new_tokens < 1 or cache.max_tokens < p + max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} after a {p}-token prompt needs 1 <= max_new_tokens and "
+            f"max_tokens >= {p + max_new_tokens} (the cache has max_tokens={cache.max_tokens})."
+        )
+    cuda_graph = input_ids.device.type == "cuda" if cuda_graph is None else cuda_graph
+    if cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device.")
+    name = cache_argument(model)
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache}).logits[:, -1]
+    token = logits.argmax(-1, keepdim=True)  # [B, 1]: static inputs of every step, updated in place
+    position = torch.full((b, 1), p, dtype=torch.long, device=input_ids.device)
+    last = logits.clone()
+    new_tokens, new_logits = [token.clone()], [logits.clone()]
+
+    def step() -> None:
+        out = model(input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1, **{name: cache})
+        last.copy_(out.logits[:, -1])
+        token.copy_(last.argmax(-1, keepdim=True))
+        position.add_(1)
+
+    cache.driven = True  # the loop keeps the host counters: a replayed graph runs no Python
+    try:
+        run = step
+        for i in range(max_new_tokens - 1):
+            cache.begin_step()
+            if cuda_graph and i == 0:
+                run = _capture(step, [token, position, last] + [layer.lengths for layer in cache.layers])
+            run()
+            cache.end_step()
+            new_tokens.append(token.clone())
+            if output_logits:
+                new_logits.append(last.clone())
+    finally:
+        cache.driven = False
+    tokens = torch.cat([input_ids, *new_tokens], dim=1)
+    return (tokens, torch.stack(new_logits, 1)) if output_logits else tokens
