@@ -1,4 +1,4 @@
-# Two commands: `make run` (every notebook, in order, regenerating figures/) and `make test`.
+# Two commands: `make run` (every notebook, then the solutions, in order, regenerating figures/) and `make test`.
 # Both set up .venv first; a second run skips installs already done.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+SOLUTIONS := $(sort $(wildcard solutions/[0-9][0-9]_*.ipynb))  # worked solutions to the chapters' exercises
 
 .PHONY: run test lint setup clean-venv
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	@for nb in $(NOTEBOOKS); do \
+	@for nb in $(NOTEBOOKS) $(SOLUTIONS); do \
 	  echo "== executing $$nb"; \
 	  LEANK_FAST=0 env -u MPLBACKEND $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
@@ -30,7 +31,7 @@ run: $(STAMP)
 # Fast mode writes its figures to build/fast_figures, so the committed full-run figures stay as they are.
 test: $(STAMP)
 	LEANK_FAST=1 TRITON_INTERPRET=1 MPLBACKEND=Agg LEANK_FIGURES=$(CURDIR)/build/fast_figures \
-	  $(BIN)/python -m pytest -q tests $(NOTEBOOKS) --nbval-lax
+	  $(BIN)/python -m pytest -q tests $(NOTEBOOKS) $(SOLUTIONS) --nbval-lax
 
 # Style: ruff's checks and its formatter (configured in pyproject.toml); .ci/run runs this before the tests.
 lint: $(STAMP)

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*_solutions.ipynb"))
 SAVES_FIGURE = re.compile(r"\bsave_figure\(")
 
 
@@ -42,7 +43,7 @@ def test_every_saved_figure_shows_inline(path: Path):
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.name)
 def test_committed_notebook_was_executed(path: Path):
     """Every code cell of the committed notebook has run (the file holds a full run's outputs)."""
     not_run = [i for i, src, _, count in code_cells(path) if src.strip() and count is None]
@@ -55,3 +56,17 @@ def test_image_check_recognises_a_missing_figure():
     assert not SAVES_FIGURE.search("from leank_ref.plotting import is_fast, save_figure")
     assert not has_image([{"output_type": "stream", "text": ["saved\n"]}])
     assert has_image([{"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}}])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_ends_with_exercises_and_has_solutions(path: Path):
+    """Each chapter closes with an Exercises cell, and its worked solutions are a notebook in solutions/."""
+    cells = json.loads(path.read_text())["cells"]
+    last = "".join(cells[-1]["source"])
+    assert cells[-1]["cell_type"] == "markdown" and last.startswith("## Exercises"), (
+        f"{path.name} does not end with an '## Exercises' markdown cell"
+    )
+    solutions = ROOT / "solutions" / f"{path.stem}_solutions.ipynb"
+    assert solutions.exists() and f"solutions/{solutions.name}" in last, (
+        f"{path.name}: its exercises should point to {solutions.relative_to(ROOT)}, which must exist"
+    )
