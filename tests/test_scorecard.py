@@ -7,19 +7,29 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
+from leank_ref.models import masks_dir
 from leank_ref.scorecard import BEGIN, END, ROOT, replace_block, run_command, scorecard, scorecard_markdown
 
 
-def write_results(root: Path, k_saved: float, kernel: float, decode: float, ones: float, leank_acc: float) -> None:
-    """Minimal result files in the layout the benchmarks and the evaluation write."""
+def write_results(root: Path, pruned: bool, kernel: float, decode: float, ones: float, leank_acc: float) -> None:
+    """Minimal result files in the layout the benchmarks and the evaluation write, and the masks they use.
+
+    ``pruned``: copy the shipped masks (the authors' Llama-3.1-8B mask saves ~67% of K at 32K tokens), or write
+    masks that keep every channel (nothing saved).
+    """
     bench = root / "benchmarks" / "results"
     bench.mkdir(parents=True)
     (root / "results").mkdir()
-    mask = {"k_saved": k_saved, "v_saved": 0.17, "pruned_ratio": 0.69, "context": 32768, "sink": 128, "recent": 768}
-    decode_rows = [{"batch": 8, "context": 32768, "leank_speedup": decode, "leank_speedup_vs_ones": ones}]
+    for name in ("reference/llama3.1-8b-instruct.pth", "smollm2-135m_r0.7.pth"):
+        target = root / "masks" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = torch.load(masks_dir() / name, weights_only=True)
+        torch.save(mask if pruned else torch.ones_like(mask), target)
+    headline = {"B8_N32K": {"speedup_vs_best_dense": decode, "speedup_vs_all_ones": ones}}
     provenance = {"device": "NVIDIA H200"}
-    (bench / "end_to_end.json").write_text(json.dumps({"mask": mask, "decode": decode_rows, "provenance": provenance}))
+    (bench / "end_to_end.json").write_text(json.dumps({"headline": headline, "provenance": provenance}))
     kernels = [{"B": 8, "N": 32768, "methods": {"leank_triton": {"speedup_vs_best_sdpa": kernel}}}]
     (bench / "decode_kernels.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
     summary = "task,method,ratio,budget,n,accuracy,acc_low,acc_high\n"
@@ -33,9 +43,10 @@ def by_claim(rows, claim: str):
 
 
 def test_rows_reproduce_when_the_numbers_match_the_paper(tmp_path):
-    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
+    write_results(tmp_path, pruned=True, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
     rows = scorecard(tmp_path)
-    measured = [r for r in rows if r.ours != "not measured"]
+    # SmolLM2's shipped mask drops fewer middle V heads than the authors' (V saved ~13%): leave its rows out
+    measured = [r for r in rows if r.ours != "not measured" and not ("saved" in r.claim and "SmolLM2" in r.setting)]
     assert [r.verdict for r in measured] == ["yes"] * len(measured)
     assert {r.claim for r in measured} == {
         "K cache saved",
@@ -49,20 +60,20 @@ def test_rows_reproduce_when_the_numbers_match_the_paper(tmp_path):
 
 
 def test_rows_fail_when_the_numbers_fall_short(tmp_path):
-    write_results(tmp_path, k_saved=0.55, kernel=1.1, decode=1.2, ones=1.2, leank_acc=0.6)
+    write_results(tmp_path, pruned=False, kernel=1.1, decode=1.2, ones=1.2, leank_acc=0.6)
     rows = [r for r in scorecard(tmp_path) if r.ours != "not measured"]
     verdicts = {r.claim: r.verdict for r in rows}
     assert verdicts["K cache saved"].startswith("no")
-    assert verdicts["V cache saved"] == "yes"
+    assert verdicts["V cache saved"].startswith("no")
     assert verdicts["attention kernel speed-up"].startswith("no")
     assert verdicts["decoding speed-up"].startswith("no")
     assert verdicts["accuracy held"].startswith("no")
 
 
 def test_a_decoding_gain_not_due_to_pruning_is_only_partly_reproduced(tmp_path):
-    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=2.0, ones=0.9, leank_acc=0.78)
-    verdict = by_claim(scorecard(tmp_path), "decoding speed-up")[0].verdict
-    assert verdict.startswith("partly") and "1.11x" in verdict
+    write_results(tmp_path, pruned=True, kernel=1.35, decode=2.0, ones=0.9, leank_acc=0.78)
+    row = by_claim(scorecard(tmp_path), "decoding speed-up")[0]
+    assert row.verdict.startswith("partly") and "0.90x over the same cache keeping every channel" in row.ours
 
 
 def test_missing_files_give_no_result_rows(tmp_path):
@@ -77,7 +88,7 @@ def test_replace_block_needs_markers():
 
 
 def test_check_and_write(tmp_path, capsys):
-    write_results(tmp_path, k_saved=0.68, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
+    write_results(tmp_path, pruned=True, kernel=1.35, decode=1.5, ones=1.2, leank_acc=0.78)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{BEGIN}\nstale\n{END}\n")
     args = dict(root=str(tmp_path), write=None, check=str(readme))
