@@ -19,8 +19,9 @@ all in this one process, each on a cache filled with N random K/V tokens through
   KV length, i.e. every decode step, so it is not a fair baseline for growing lengths;
 * ``dense_graph``: transformers' ``StaticCache`` (preallocated to the final length), one decode step captured
   as a CUDA graph and replayed (SDPA's own dispatch: the shapes never change under the graph);
-* ``leank_eager`` / ``leank_graph``: the LeanK cache with the released mask (Triton kernel), eager and as a
-  CUDA graph (``leank_ref.cache.CudaGraphDecoder``);
+* ``leank_eager`` / ``leank_graph``: the LeanK cache with the released mask (Triton kernel), eager (the default
+  cache, as ``generate`` uses it) and as a CUDA graph (``LeanKCache(..., static=True)``, one step captured and
+  replayed as ``leank_ref.static_decode.greedy_decode`` does);
 * ``ones_eager`` / ``ones_graph``: the same LeanK cache and kernel with an all-ones mask, which keeps every
   channel: the control that separates the effect of pruning from that of the cache and kernel.
 
@@ -30,8 +31,8 @@ roofline of a whole step (weights + KV bytes one step must read, dense vs LeanK)
 ``speedup_vs_best_dense`` (LeanK's best mode over the best dense mode), ``speedup_vs_all_ones`` (real mask over
 all-ones, in LeanK's best mode), and, from ``--kernel-json`` (``decode_profile.py``), ``kernel_speedup_graph``
 and ``kernel_speedup_eager`` (32 layers of attention alone, over the best SDPA backend). Everything goes to
-DIR/end_to_end.json with leank_ref.provenance. ``--cpu-check`` runs the eager modes at tiny shapes on the CPU
-(Triton's interpreter) to check the script, without timing claims.
+DIR/end_to_end.json with leank_ref.provenance. ``--cpu-check`` runs every mode at tiny shapes on the CPU
+(Triton's interpreter; the graph modes' step runs uncaptured) to check the script, without timing claims.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def new_cache(model, mode: str, mask: torch.Tensor, windows: tuple[int, int, int
         return StaticCache(config=model.config, max_cache_len=max_tokens)
     sink, recent, block = windows
     layer_mask = mask if mode.startswith("leank") else torch.ones_like(mask)
-    return LeanKCache(model, layer_mask, sink, recent, block, backend="triton", max_tokens=max_tokens)
+    static = mode.endswith("graph")  # preallocated, lengths on the device: what a CUDA graph can replay
+    return LeanKCache(model, layer_mask, sink, recent, block, backend="triton", max_tokens=max_tokens, static=static)
 
 
 def fill(cache, model, batch: int, tokens: int) -> None:
@@ -169,12 +171,21 @@ def capture_static_step(model, cache, batch: int, position: int):
     (the few slots past the current position are still zeros): the cost of N + a few tokens, as in generate.
     """
     key = cache_argument(model)
-    ids_buf = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    pos_buf = torch.tensor([position], device="cuda")
+    ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    pos_buf = torch.tensor([position], device=model.device)
 
     def forward():
         out = model(input_ids=ids_buf, cache_position=pos_buf, use_cache=True, logits_to_keep=1, **{key: cache})
         return out.logits[:, -1]
+
+    if model.device.type != "cuda":  # the script's CPU check: the same step, eagerly
+
+        def eager(ids: torch.Tensor, pos: int) -> torch.Tensor:
+            ids_buf.copy_(ids)
+            pos_buf.fill_(pos)
+            return forward()
+
+        return eager
 
     # Warm-up on a side stream writes one token at `position` (overwritten by the first replay), then capture.
     stream = torch.cuda.Stream()
@@ -198,15 +209,50 @@ def capture_static_step(model, cache, batch: int, position: int):
     return run
 
 
+def capture_leank_step(model, cache, batch: int, position: int):
+    """One decode step over a static LeanK cache captured as a CUDA graph, as ``static_decode.greedy_decode`` runs it.
+
+    The graph holds the whole model step (token write at the device-side length, attention, next token); between
+    replays the cache does its host work (``begin_step``: a compaction once per ``block`` tokens; ``end_step``).
+    """
+    from leank_ref.static_decode import _capture
+
+    key = cache_argument(model)
+    device = model.device
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
+    last = torch.empty(batch, model.config.vocab_size, device=device, dtype=model.dtype)
+
+    def step() -> None:
+        out = model(input_ids=token, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
+        last.copy_(out.logits[:, -1])
+        token.copy_(last.argmax(-1, keepdim=True))
+        pos.add_(1)
+
+    cache.driven = True  # this loop keeps the host counters: a replayed graph runs no Python
+    replay = None
+
+    def run(ids: torch.Tensor, _position: int) -> torch.Tensor:
+        nonlocal replay
+        token.copy_(ids)
+        cache.begin_step()
+        if replay is None:  # on a CPU (the script's check) the same step runs eagerly
+            state = [token, pos, last] + [layer.lengths for layer in cache.layers]
+            replay = _capture(step, state) if device.type == "cuda" else step
+        replay()
+        cache.end_step()
+        return last
+
+    return run
+
+
 def graph_step(model, cache, batch: int, position: int):
-    """One decode step captured as a CUDA graph: the library's ``CudaGraphDecoder`` when it has one."""
-    decoder_cls = getattr(leank_cache, "CudaGraphDecoder", None)
-    if decoder_cls is not None:
-        decoder = decoder_cls(model, cache, batch)
-        return lambda ids, pos: decoder.step(ids)
+    """One decode step captured as a CUDA graph: a static LeanK cache, or transformers' ``StaticCache``."""
     if isinstance(cache, StaticCache):
         return capture_static_step(model, cache, batch, position)
-    raise RuntimeError("this version of leank_ref.cache has no CudaGraphDecoder: LeanK cannot be captured")
+    if not getattr(cache, "static", False):
+        raise RuntimeError("only a static LeanKCache (static=True) can be captured")
+    return capture_leank_step(model, cache, batch, position)
 
 
 def run_mode(model, mode: str, mask, windows, batch: int, tokens: int, steps: int, warmup: int, device: str) -> dict:
@@ -452,9 +498,6 @@ def main() -> int:
         }
         dense_gib = kv_bytes(model, None, windows, batch, tokens + 64) / GIB
         for mode in args.modes:
-            if mode.endswith("graph") and cpu:
-                row[mode] = {"skipped": "CUDA graphs need a GPU"}
-                continue
             if dense_gib + weights_gib + 4 > total_gib:  # every mode runs at a shape only if dense fits
                 row[mode] = {"skipped": f"dense cache {dense_gib:.0f} GiB + weights {weights_gib:.0f} GiB do not fit"}
                 continue
