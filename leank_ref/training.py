@@ -103,17 +103,24 @@ class TrainConfig:
 # Data: example i of a run is a pure function of (seed, i), so a resumed run sees the same data.
 
 
-def training_example(tokenizer, config: TrainConfig, index: int, split: str = "train") -> Example:
-    """Example ``index`` of a run: a task from ``config.tasks`` and a context length in [min, max], seeded."""
+def training_example(
+    tokenizer, config: TrainConfig, index: int, split: str = "train", source: str = "pydoc"
+) -> Example:
+    """Example ``index`` of a run: a task from ``config.tasks`` and a context length in [min, max], seeded.
+
+    ``source`` is the haystack text (training uses ``"pydoc"``; ``"stdlib"`` is text no training run sees).
+    """
     rng = random.Random(f"leank-{split}-{config.seed}-{index}")
     task = config.tasks[rng.randrange(len(config.tasks))]
     length = rng.randint(config.context_min, config.context_max)
-    return make_example(task, tokenizer, length, seed=rng.randrange(2**31))
+    extra = {} if source == "pydoc" else {"source": source}
+    return make_example(task, tokenizer, length, seed=rng.randrange(2**31), **extra)
 
 
-def held_out_examples(tokenizer, config: TrainConfig, count: int) -> list[Example]:
-    """``count`` examples drawn like the training data but from a separate stream (for evaluation)."""
-    return [training_example(tokenizer, config, i, split="eval") for i in range(count)]
+def held_out_examples(tokenizer, config: TrainConfig, count: int, source: str = "pydoc") -> list[Example]:
+    """``count`` examples drawn like the training data but from a separate stream (for evaluation); with
+    ``source="stdlib"`` their haystacks also come from text the training data never uses."""
+    return [training_example(tokenizer, config, i, split="eval", source=source) for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +357,10 @@ class Trainer:
         self.log: list[dict] = []
         self._last_mask: torch.Tensor | None = None
 
+    def distillation_loss(self, example: Example, scale: torch.Tensor) -> torch.Tensor:
+        """This step's loss, :func:`distillation_loss` (:class:`leank_ref.presets.PooledTrainer` reuses prefills)."""
+        return distillation_loss(self.model, example, scale, self.config)
+
     def current_mask(self) -> torch.Tensor:
         """The binarization of the current factors (stage 2's forward mask) [L, G, D], on CPU."""
         return binarize(self.factors.detach(), self.config.ratio, self.config.align)
@@ -369,7 +380,7 @@ class Trainer:
             self._last_mask = mask
         else:
             scale = self.factors
-        distill = distillation_loss(self.model, example, scale, cfg)
+        distill = self.distillation_loss(example, scale)
         reg = self.factors.abs().mean()
         loss = distill + cfg.reg_weight * reg
         self.optimizer.zero_grad(set_to_none=True)
@@ -550,6 +561,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     parser.add_argument("--until", type=int, help="stop after this many steps (resume later with --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    from leank_ref.presets import PRESETS  # presets builds on this module: imported when the parser is built
+
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(PRESETS),
+        help="a named preset that fills the options left unset (laptop: both stages on 2 CPU cores in 30 minutes)",
+    )
 
 
 def _sha256(path: str | Path) -> str:
@@ -564,9 +582,11 @@ def run_command(args) -> int:
 
     from leank_ref.masks import save_mask
     from leank_ref.models import DEFAULT_MODEL_NAME, load_model
+    from leank_ref.presets import apply_preset
     from leank_ref.provenance import provenance
 
     begun = time.perf_counter()
+    preset = apply_preset(args)  # None without --recipe; else fills unset options and sets torch's threads
     out = Path(args.out)
     meta_path, log_path = out.with_suffix(".json"), out.with_suffix(".log.jsonl")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -590,7 +610,7 @@ def run_command(args) -> int:
     )
     factors = load_factors(args.factors, shape) if args.factors else None
     checkpoint = args.checkpoint or (str(out) + ".ckpt" if args.checkpoint_every or args.resume else None)
-    trainer = Trainer(model, tokenizer, config, factors)
+    trainer = (Trainer if preset is None else preset.trainer)(model, tokenizer, config, factors)
     result = trainer.run(
         checkpoint, every=args.checkpoint_every, resume=args.resume, until=args.until, progress=not args.no_progress
     )
@@ -625,6 +645,7 @@ def run_command(args) -> int:
         "wall_seconds": time.perf_counter() - begun,
         "outputs": {"factors" if config.stage == 1 else "mask": str(out), "log": str(log_path)},
         "provenance": provenance(args.device),
+        "recipe": None if preset is None else preset.as_dict(),
     }
     if config.stage == 2:
         stats = mask_stats(result.mask, config.context_max, config.sink, config.recent)
