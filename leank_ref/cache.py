@@ -1,4 +1,4 @@
-"""The LeanK cache: full K/V for sink + recent tokens, only the kept K channels for the middle (SPEC section 5).
+"""The LeanK cache: full K/V for sink + recent tokens, only the kept K channels for the middle.
 
 Per layer, a token lives in one of three places (B batch, G KV heads, D head_dim):
 
@@ -14,9 +14,10 @@ Per layer, a token lives in one of three places (B batch, G KV heads, D head_dim
 So the recent part holds ``recent .. recent + block - 1`` tokens once the cache is long enough, as in
 the authors' deployment (``recent .. recent + 127``). The key of the query's own token is appended
 before attention, so at query position ``t`` (``t + 1`` tokens cached) the middle tokens are
-``[sink, sink + Nm)`` with ``Nm = block * floor((t + 1 - sink - recent) / block)``: the attention of
-SPEC section 3 with the *effective* recent window ``recent + (t + 1 - sink - recent) mod block``
-(exactly ``recent`` when ``block = 1``). The tests compare against ``SimulatedLeanK`` with that window.
+``[sink, sink + Nm)`` with ``Nm = block * floor((t + 1 - sink - recent) / block)``: LeanK's attention
+(:class:`~leank_ref.attention.SimulatedLeanK`) with the *effective* recent window
+``recent + (t + 1 - sink - recent) mod block`` (exactly ``recent`` when ``block = 1``). The tests compare
+against ``SimulatedLeanK`` with that window.
 
 No weight is touched: the kept channels are gathered from the post-RoPE keys at compaction, and from
 the query at decode, so RoPE needs no permutation.
@@ -38,7 +39,8 @@ changed, and caches of different masks can be used side by side.
 Storage is preallocated, never concatenated per token: the full window lives in a buffer of
 ``sink + recent + block`` tokens (a new token is one copy; a compaction shifts the recent part once per
 ``block`` tokens), and each middle group in a buffer that grows geometrically (or is reserved up front
-with ``max_tokens``). ``keys``, ``values`` and ``groups`` are views of the filled part.
+with ``max_tokens``). ``keys``, ``values`` and ``groups`` are views of the filled part; a static cache
+(``static=True``, for CUDA graphs: :mod:`leank_ref.static_decode`) exposes the whole buffers and ``lengths``.
 Batches: prompts of equal length only; padded batches raise ``NotImplementedError``.
 """
 

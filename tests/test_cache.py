@@ -31,10 +31,10 @@ def r07_test_mask() -> torch.Tensor:
 
 
 def masks_to_check() -> list:
-    """The seeded test mask, and the shipped r=0.7 mask once issue 4 has shipped it."""
+    """The seeded test mask, and the shipped r=0.7 mask when it is present."""
     shipped = pytest.param(
         "shipped",
-        marks=pytest.mark.skipif(not SHIPPED.exists(), reason=f"{SHIPPED.name} not shipped yet (training issue)"),
+        marks=pytest.mark.skipif(not SHIPPED.exists(), reason=f"{SHIPPED.name} not shipped"),
     )
     return ["test", shipped]
 
