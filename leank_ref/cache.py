@@ -610,7 +610,7 @@ class LeanKHandle:
     align: int
     backend: str
     cache: LeanKCache | None = field(default=None, init=False, repr=False)
-    _hooks: tuple | None = field(default=None, init=False, repr=False)  # (pre-hook handle, generate wrapper)
+    _hooks: tuple | None = field(default=None, init=False, repr=False)  # (pre-hook handle, the model's own generate)
 
     def new_cache(self, max_tokens: int | None = None, static: bool = False) -> LeanKCache:
         """A fresh, empty LeanK cache with this handle's settings (``max_tokens`` reserves its middle store;
@@ -641,8 +641,9 @@ class LeanKHandle:
             self._hooks = ()
         else:
             pre = self.model.base_model.register_forward_pre_hook(_forward_pre_hook(self.model), with_kwargs=True)
-            self.model.generate = _generate_wrapper(self.model)  # an instance attribute: removed on exit
-            self._hooks = (pre,)
+            own = vars(self.model).get("generate")  # a generate someone set on this model object, kept for exit
+            self.model.generate = _generate_wrapper(self.model, own)  # an instance attribute: removed on exit
+            self._hooks = (pre, own)
         stack.append(self)
         return self
 
@@ -656,8 +657,11 @@ class LeanKHandle:
             if stack:
                 stack[0]._hooks, self._hooks = self._hooks, ()
             else:
-                self._hooks[0].remove()
+                pre, own = self._hooks
+                pre.remove()
                 del self.model.generate
+                if own is not None:
+                    self.model.generate = own
                 del _ACTIVE[self.model]
         self._hooks = None
 
@@ -672,9 +676,9 @@ def _innermost(model) -> LeanKHandle:
     return _ACTIVE[model][-1]
 
 
-def _generate_wrapper(model):
+def _generate_wrapper(model, own=None):
     """``model.generate`` inside apply_leank: a fresh LeanK cache (reserved when the length is known) unless given."""
-    original = type(model).generate.__get__(model)
+    original = own if own is not None else type(model).generate.__get__(model)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
