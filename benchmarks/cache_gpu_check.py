@@ -7,9 +7,10 @@ prompts) and the logits of every step are compared.
 
 Paths (SmolLM2-135M-Instruct, the shipped r=0.7 mask, windows sink 16 / recent 64 / block 32):
 
-* ``dense_flash`` / ``dense_math``: the dense model, SDPA pinned to two backends (flash, or the memory-efficient
-  one in float32, which flash does not run; and math). Their difference is the rounding spread of two correct
-  dense attention implementations in this dtype: the **noise floor**;
+* ``dense_flash`` / ``dense_math``: the dense model, SDPA pinned to two backends (flash, or in float32, which
+  flash does not run, SDPA's own choice; and math). Their difference is the rounding spread of two correct dense
+  attention implementations in this dtype: the **noise floor** (in float32 both may be the math backend, and the
+  floor 1e-4 of the logits' standard deviation applies);
 * ``leank_triton`` / ``leank_torch``: the LeanK cache with the Triton kernel and with the torch decode path
   (the same attention, different kernels);
 * ``ones_triton``: the LeanK cache with an all-ones mask (every channel kept): LeanK's layout and kernel
@@ -89,8 +90,9 @@ def run_dtype(device: str, dtype: torch.dtype, prompt: int, steps: int, batch: i
 
     from transformers import DynamicCache
 
-    # Flash runs only in 16-bit types: float32 uses the memory-efficient backend (CPU: SDPA's own choice).
-    fast = None if device != "cuda" else "FLASH_ATTENTION" if dtype != torch.float32 else "EFFICIENT_ATTENTION"
+    # Flash runs only in 16-bit types, and the memory-efficient backend refuses grouped KV heads: in float32 (and on
+    # a CPU) the first dense path takes SDPA's own choice.
+    fast = "FLASH_ATTENTION" if device == "cuda" and dtype != torch.float32 else None
     paths = {
         "dense_flash": (DynamicCache(), fast),
         "dense_math": (DynamicCache(), "MATH"),
