@@ -985,13 +985,12 @@ def leank_layout_from_dense(
     full = torch.cat([torch.arange(min(n_sink, N)), torch.arange(min(n_sink, N) + n_mid, N)]).to(k.device)
     k_full, v_full = k[:, :, full].contiguous(), v[:, :, full].contiguous()  # [B, G, Nf, D]
     mid = slice(n_sink, n_sink + n_mid)
-    keep = keep.to(k.device, torch.bool)
-    counts = keep.sum(dim=1)  # [G]
+    layout = HeadGroups.from_mask(keep)  # the cache's own grouping: by kept count, zero-count heads left out
     groups = []
-    for c in sorted(set(counts.tolist()) - {0}):
-        heads = torch.nonzero(counts == c).flatten()  # [Gc]
-        channels = torch.stack([torch.nonzero(keep[h]).flatten() for h in heads.tolist()])  # [Gc, c]
-        k_mid = torch.gather(k[:, heads, mid], 3, channels[None, :, None, :].expand(B, len(heads), n_mid, c))
+    for heads, channels in zip(layout.kv_heads, layout.channels):
+        heads, channels = heads.to(k.device), channels.to(k.device)  # [Gc], [Gc, c]
+        index = channels[None, :, None, :].expand(B, len(heads), n_mid, channels.shape[1])
+        k_mid = torch.gather(k[:, heads, mid], 3, index)
         groups.append(MiddleGroup(heads, channels, k_mid.contiguous(), v[:, heads, mid].contiguous()))
     return k_full, v_full, groups
 
