@@ -39,9 +39,13 @@ STAGE1_FACTORS = "smollm2-135m_stage1_factors.pth"  # in MASKS_DIR
 CALIBRATION_SEED_BASE = 20_000  # static-importance calibration prompts; evaluation uses 10_000-19_999
 
 
-def learned_mask_path(ratio: float, masks_dir: str | Path = MASKS_DIR, model_tag: str = "smollm2-135m") -> Path:
-    """Where the shipped LeanK mask for ``ratio`` lives: ``masks/<model_tag>_r<ratio>.pth``."""
-    return Path(masks_dir) / f"{model_tag}_r{float(ratio):g}.pth"
+def learned_mask_path(
+    ratio: float, masks_dir: str | Path = MASKS_DIR, model_tag: str = "smollm2-135m", variant: str = ""
+) -> Path:
+    """Where the shipped LeanK mask for ``ratio`` lives: ``masks/<model_tag>_r<ratio>.pth`` (the default,
+    deploy-exact stage 2), or ``masks/<model_tag>_r<ratio>_<variant>.pth`` (e.g. ``variant="authors"``)."""
+    suffix = f"_{variant}" if variant else ""
+    return Path(masks_dir) / f"{model_tag}_r{float(ratio):g}{suffix}.pth"
 
 
 def uniform_counts(shape: tuple[int, int, int], ratio: float, align: int) -> torch.Tensor:

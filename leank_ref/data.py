@@ -1,12 +1,18 @@
-"""Offline, seeded long-context examples built on CPython's own documentation (``pydoc_data.topics``).
+"""Offline, seeded long-context examples built from text that ships with Python itself.
 
 Three tasks, one output type (:class:`Example`):
 - passkey retrieval: a 5-digit number hidden at a chosen depth of filler text, asked for at the end;
 - key-value retrieval: several random ``key: value`` pairs spread through the text, one asked for;
-- continuation: a stretch of the docs as context, the next tokens as the answer (for distillation).
+- continuation: a stretch of the text as context, the next tokens as the answer (for distillation).
+
+Two text sources fill the haystack (``source=``): ``"pydoc"``, CPython's documentation
+(``pydoc_data.topics``, English prose), which training uses; and ``"stdlib"``, the source code of a fixed list
+of standard-library modules (:data:`HELD_OUT_MODULES`, read with ``inspect.getsource``), which no training
+builder touches: the evaluation's held-out text.
 
 Examples are assembled at the token level (template prefix + filler tokens + needle + question), so the
-requested length is hit exactly, and every call with the same arguments returns the same tokens.
+requested length is hit exactly, and every call with the same arguments returns the same tokens (for one
+Python version: both sources are the running interpreter's own files).
 """
 
 from __future__ import annotations
@@ -38,17 +44,47 @@ class Example:
         return self.input_ids[: self.length_context]
 
 
-@lru_cache(maxsize=1)
-def haystack_text() -> str:
-    """About 465K characters of English: every topic of CPython's pydoc_data, in sorted order."""
+SOURCES = ("pydoc", "stdlib")
+HELD_OUT_MODULES = (  # pure-Python standard-library modules, concatenated in this order for the "stdlib" source
+    "argparse",
+    "calendar",
+    "dataclasses",
+    "difflib",
+    "fractions",
+    "heapq",
+    "optparse",
+    "pprint",
+    "shutil",
+    "statistics",
+    "tarfile",
+    "textwrap",
+)
+
+
+def check_source(source: str) -> None:
+    """Raise unless ``source`` is one of :data:`SOURCES`."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source '{source}'; choose one of {list(SOURCES)}.")
+
+
+@lru_cache(maxsize=2)
+def haystack_text(source: str = "pydoc") -> str:
+    """The filler text: every topic of CPython's pydoc_data in sorted order (about 465K characters of English), or,
+    for ``source="stdlib"``, the source code of :data:`HELD_OUT_MODULES` (never used in training)."""
+    check_source(source)
+    if source == "stdlib":
+        import importlib
+        import inspect
+
+        return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in HELD_OUT_MODULES)
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-@lru_cache(maxsize=4)
-def _haystack_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer(haystack_text(), add_special_tokens=False)["input_ids"])
+@lru_cache(maxsize=8)
+def _haystack_ids(tokenizer, source: str = "pydoc") -> tuple[int, ...]:
+    return tuple(tokenizer(haystack_text(source), add_special_tokens=False)["input_ids"])
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -85,8 +121,8 @@ def _check_depth(depth: float) -> None:
         raise ValueError(f"depth={depth} must lie in [0, 1] (0 = start of the text, 1 = end).")
 
 
-def _filler(tokenizer, n: int, rng: random.Random) -> list[int]:
-    ids = _haystack_ids(tokenizer)
+def _filler(tokenizer, n: int, rng: random.Random, source: str = "pydoc") -> list[int]:
+    ids = _haystack_ids(tokenizer, source)
     if n > len(ids):
         raise ValueError(f"asked for {n} filler tokens but the haystack holds only {len(ids)}.")
     start = rng.randrange(0, len(ids) - n + 1)
@@ -117,9 +153,12 @@ def _answer_ids(tokenizer, text: str) -> list[int]:
     return _encode(tokenizer, text) + end
 
 
-def passkey_example(tokenizer, length: int, depth: float, seed: int = 0, max_length: int | None = None) -> Example:
+def passkey_example(
+    tokenizer, length: int, depth: float, seed: int = 0, max_length: int | None = None, source: str = "pydoc"
+) -> Example:
     """A passkey prompt of exactly ``length`` tokens with the key at relative ``depth`` of the filler."""
     _check_depth(depth)
+    check_source(source)
     rng = random.Random(f"passkey-{seed}-{length}-{depth}")
     key = str(rng.randint(10000, 99999))
     before, after = _chat_parts(tokenizer)
@@ -129,18 +168,20 @@ def passkey_example(tokenizer, length: int, depth: float, seed: int = 0, max_len
     needle = _encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key.\n")
     tail = _encode(tokenizer, "\n\nWhat is the pass key?" + after)
     n_fill = _check_length(tokenizer, length, len(head) + len(needle) + len(tail), max_length)
-    filler = _filler(tokenizer, n_fill, rng)
+    filler = _filler(tokenizer, n_fill, rng, source)
     cut = _sentence_cut(tokenizer, filler, round(depth * n_fill))
     ids, n_ctx, labels = _assemble(
         tokenizer, [head, filler[:cut], needle, filler[cut:], tail], _answer_ids(tokenizer, f"The pass key is {key}.")
     )
-    return Example(ids, n_ctx, labels, key, "passkey", {"depth": depth, "length": length, "seed": seed})
+    meta = {"depth": depth, "length": length, "seed": seed, "source": source}
+    return Example(ids, n_ctx, labels, key, "passkey", meta)
 
 
 def kv_retrieval_example(
-    tokenizer, length: int, num_pairs: int = 4, seed: int = 0, max_length: int | None = None
+    tokenizer, length: int, num_pairs: int = 4, seed: int = 0, max_length: int | None = None, source: str = "pydoc"
 ) -> Example:
     """``num_pairs`` random ``key: value`` records spread through the filler; the question asks for one of them."""
+    check_source(source)
     if num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs} must be >= 1.")
     rng = random.Random(f"kv-{seed}-{length}-{num_pairs}")
@@ -155,7 +196,7 @@ def kv_retrieval_example(
     tail = _encode(tokenizer, f"\n\nWhat is the value of record {keys[target]}?" + after)
     overhead = len(head) + len(tail) + sum(len(r) for r in records)
     n_fill = _check_length(tokenizer, length, overhead, max_length)
-    filler = _filler(tokenizer, n_fill, rng)
+    filler = _filler(tokenizer, n_fill, rng, source)
     cuts = [_sentence_cut(tokenizer, filler, round((i + 0.5) / num_pairs * n_fill)) for i in range(num_pairs)]
     cuts = sorted(cuts)
     pieces, prev = [head], 0
@@ -173,19 +214,25 @@ def kv_retrieval_example(
         labels,
         answer,
         "kv_retrieval",
-        {"length": length, "num_pairs": num_pairs, "key": keys[target], "seed": seed},
+        {"length": length, "num_pairs": num_pairs, "key": keys[target], "seed": seed, "source": source},
     )
 
 
 def continuation_example(
-    tokenizer, length: int, answer_length: int = 32, seed: int = 0, max_length: int | None = None
+    tokenizer,
+    length: int,
+    answer_length: int = 32,
+    seed: int = 0,
+    max_length: int | None = None,
+    source: str = "pydoc",
 ) -> Example:
-    """Plain documentation text: ``length`` context tokens, then the true next ``answer_length`` tokens."""
+    """Plain text of ``source``: ``length`` context tokens, then the true next ``answer_length`` tokens."""
+    check_source(source)
     if answer_length < 1:
         raise ValueError(f"answer_length={answer_length} must be >= 1.")
     _check_length(tokenizer, length + answer_length, 0, max_length)
     rng = random.Random(f"continuation-{seed}-{length}-{answer_length}")
-    tokens = _filler(tokenizer, length + answer_length, rng)
+    tokens = _filler(tokenizer, length + answer_length, rng, source)
     ids, n_ctx, labels = _assemble(tokenizer, [tokens[:length]], tokens[length:])
     return Example(
         ids,
@@ -193,7 +240,7 @@ def continuation_example(
         labels,
         tokenizer.decode(tokens[length:]),
         "continuation",
-        {"length": length, "answer_length": answer_length, "seed": seed},
+        {"length": length, "answer_length": answer_length, "seed": seed, "source": source},
     )
 
 

@@ -1,4 +1,4 @@
-"""Accuracy of channel selectors at equal budget: passkey, key-value retrieval, LM fidelity (notebook 06).
+"""Accuracy of channel selectors at equal budget: needle log-likelihood, KL to dense, greedy passkey (notebook 06).
 
 Protocol. Every sample is prefilled **once**, densely (LeanK's prefill is dense), by
 :func:`~leank_ref.attention.capture_prefill`, which records every layer's post-RoPE queries, keys and values.
@@ -6,19 +6,32 @@ Per-prompt selectors (ThinK, K-norm) pick their channels from that capture; then
 one batch row per (method, ratio, budget), through :class:`~leank_ref.attention.SimulatedLeanKRows` (simulated
 LeanK for many masks over one prompt: decode queries see full K for sink and recent keys and only the kept
 channels for middle keys; a zero-count head skips its middle tokens, the deployed meaning). Dense is the row
-whose mask keeps every channel. So the prefill, by far the largest cost on a CPU, is paid once per sample for the
-whole grid, and the first answer token (predicted by the dense prefill) is the same for every method.
+whose mask keeps every channel. So the prefill, by far the largest cost, is paid once per sample for the whole
+grid, every method sees exactly the same samples, and every comparison can be paired.
 
-- passkey / kv_retrieval: greedy decoding of up to 16 / 20 new tokens per row; a row stops at EOS or
-  once its text contains the expected digits (the verdict cannot change after that). Correct if the expected
-  digits appear in the decoded text. Wilson 95% intervals.
-- continuation: teacher forcing on the true next ``answer_length`` pydoc tokens; per sample the mean over decode
-  positions of KL(dense || method) of the next-token distributions (nats) and the top-1 agreement with dense.
-  Normal 95% intervals over samples.
+Metrics (per sample and row), chosen because they do not saturate on a 135M model:
+- ``ll``: teacher-forced log-likelihood of the answer, mean nats per token. Passkey / key-value: the needle's
+  digit tokens inside the reference answer ("The pass key is 12345."); continuation: the true next tokens.
+  It moves smoothly even where greedy decoding fails.
+- ``kl``: mean over the teacher-forced answer positions of KL(dense || method) of the next-token distributions
+  (nats); ``top1``: share of those positions whose most likely token equals dense's.
+- ``correct`` (task ``passkey_greedy`` only): greedy decoding contains the key. Run only at lengths where dense
+  itself reaches 0.8 in the dense scan (:func:`accuracy_lengths`): below that, a pruned model "beating" dense
+  says more about the task than about the method.
+The first answer token comes from the shared dense prefill, identical for every row, so it is left out of
+``ll`` and ``kl`` (they average over the decode positions that pruning can change).
+
+Text. Haystacks and continuations come from two sources (:mod:`leank_ref.data`): ``pydoc``, the text the masks
+were trained on (other seeds), and ``stdlib``, standard-library source code that no training builder uses.
+
+Comparisons (:mod:`leank_ref.stats`) are always paired by sample: a paired bootstrap interval of the per-sample
+difference, an exact sign test for accuracies. A method *holds* where a loss of ``tolerance`` (0.05 nats per
+token: the answer's per-token probability falls by at most ~5%) is excluded for both ``ll`` and ``kl``.
 
 Samples are fixed by seeds before any result is seen: passkey 10_000+, kv_retrieval 11_000+, continuation
-12_000+, the dense length scan 13_000+ (training uses seeds below 10_000, static-importance calibration 20_000+).
-Nothing here is tuned on them: windows, lengths and the budget rule were set before the grid ran.
+12_000+, the dense length scan 13_000+, greedy passkey 14_000+ (training draws its example seeds from its own
+generator over 2^31 and uses the pydoc text only; static-importance calibration uses 20_000+). Nothing is tuned
+on them: windows, lengths, tolerance and the budget rule were set before the grid ran.
 """
 
 from __future__ import annotations
@@ -52,15 +65,23 @@ from leank_ref.baselines import (
     learned_mask_path,
     uniform_counts,
 )
-from leank_ref.data import Example, make_example
-from leank_ref.masks import mask_stats, top_count_mask
+from leank_ref.data import SOURCES, Example, make_example
+from leank_ref.masks import kept_counts, load_mask, mask_stats, top_count_mask
 from leank_ref.models import model_facts
-from leank_ref.stats import headline, summarize
+from leank_ref.stats import compare_all, headline, summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
-SEED_BASE = {"passkey": 10_000, "kv_retrieval": 11_000, "continuation": 12_000, "scan": 13_000}
-ALL_METHODS = ("leank", "leank_factors", "think", "knorm", "static_qk", "rope", "random")
-ACCURACY_TASKS = ("passkey", "kv_retrieval")
+SCAN_FILE = "passkey_dense_scan.json"
+SEED_BASE = {
+    "passkey": 10_000,
+    "kv_retrieval": 11_000,
+    "continuation": 12_000,
+    "scan": 13_000,
+    "passkey_greedy": 14_000,
+}
+ALL_METHODS = ("leank", "leank_authors", "leank_factors", "think", "knorm", "static_qk", "rope", "random")
+TEACHER_FORCED_TASKS = ("passkey", "kv_retrieval", "continuation")
+TOLERANCE = 0.05  # nats per token, for ll and kl (module docstring)
 
 
 @dataclass
@@ -69,20 +90,15 @@ class EvalGrid:
 
     methods: tuple[str, ...] = ALL_METHODS
     ratios: tuple[float, ...] = (0.5, 0.7, 0.8)
-    tasks: tuple[str, ...] = ("passkey", "kv_retrieval", "continuation")
-    # lengths where dense SmolLM2 finds the key at all, measured first on seeds of their own:
-    # results/passkey_dense_scan.json, written by `python -m leank_ref evaluate --scan`
-    passkey_lengths: tuple[int, ...] = (256, 384, 512, 768)
-    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    passkey_repeats: int = 3  # samples per (length, depth) cell of the heatmap
-    kv_lengths: tuple[int, ...] = (512, 1024)
+    tasks: tuple[str, ...] = TEACHER_FORCED_TASKS
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    sources: tuple[str, ...] = SOURCES
+    samples: int = 8  # per (task, source, length)
     kv_pairs: int = 4
-    kv_samples: int = 50
-    continuation_lengths: tuple[int, ...] = (512, 1024)
-    continuation_samples: int = 50
-    answer_length: int = 32  # continuation tokens teacher-forced (KL over the last answer_length - 1)
-    max_new_tokens: int = 16  # passkey: the answer "The pass key is 12345." is ~11 tokens (digits are single tokens)
-    kv_max_new_tokens: int = 20  # kv retrieval: "The value of record abcdef is 12345." is ~15 tokens
+    answer_length: int = 32  # continuation tokens teacher-forced (ll/kl over the last answer_length - 1)
+    greedy_lengths: tuple[int, ...] = ()  # passkey_greedy: lengths where dense >= 0.8 (accuracy_lengths)
+    greedy_samples: int = 20  # per greedy length
+    max_new_tokens: int = 16  # greedy passkey: "The pass key is 12345." is ~11 tokens (digits are single tokens)
     sink: int = 16
     recent: int = 64
     align: int = 16
@@ -91,36 +107,35 @@ class EvalGrid:
     calibration_prompts: int = 4
     calibration_length: int = 1024
     random_seed: int = 0
+    tolerance: float = TOLERANCE
 
-    def samples(self, task: str) -> list[dict]:
-        """The fixed list of sample specs (task, length, seed, and depth for passkey) for ``task``."""
-        base = SEED_BASE[task]
-        if task == "passkey":
-            cells = [
-                (n, d) for n in self.passkey_lengths for d in self.passkey_depths for _ in range(self.passkey_repeats)
+    def specs(self) -> list[dict]:
+        """The fixed list of sample specs (task, source, length, seed) of the whole grid, in evaluation order."""
+        out = []
+        for task in self.tasks:
+            for source in self.sources:
+                for length in self.lengths:
+                    out += [
+                        {"task": task, "source": source, "length": length, "seed": SEED_BASE[task] + i}
+                        for i in range(self.samples)
+                    ]
+        for length in self.greedy_lengths:
+            out += [
+                {"task": "passkey_greedy", "source": "pydoc", "length": length, "seed": SEED_BASE["passkey_greedy"] + i}
+                for i in range(self.greedy_samples)
             ]
-            return [{"task": task, "length": n, "depth": d, "seed": base + i} for i, (n, d) in enumerate(cells)]
-        if task == "kv_retrieval":
-            lengths, count = self.kv_lengths, self.kv_samples
-        elif task == "continuation":
-            lengths, count = self.continuation_lengths, self.continuation_samples
-        else:
-            raise ValueError(f"unknown task '{task}'; choose from passkey, kv_retrieval, continuation.")
-        return [{"task": task, "length": lengths[i % len(lengths)], "seed": base + i} for i in range(count)]
+        return out
 
 
 def tiny_grid(**overrides) -> EvalGrid:
-    """A grid that runs in well under a minute: tests and the notebook's live check."""
+    """A grid that runs in about a minute: tests and the notebook's live check."""
     values = dict(
         ratios=(0.5, 0.8),
-        passkey_lengths=(256,),
-        passkey_depths=(0.5,),
-        passkey_repeats=2,
-        kv_lengths=(256,),
-        kv_samples=1,
-        continuation_lengths=(256,),
-        continuation_samples=2,
+        lengths=(256,),
+        samples=1,
         answer_length=8,
+        greedy_lengths=(256,),
+        greedy_samples=1,
         calibration_prompts=1,
         calibration_length=256,
     )
@@ -128,16 +143,26 @@ def tiny_grid(**overrides) -> EvalGrid:
     return EvalGrid(**values)
 
 
+def accuracy_lengths(scan_path: str | Path = RESULTS_DIR / SCAN_FILE, threshold: float = 0.8) -> tuple[int, ...]:
+    """Lengths where dense passkey accuracy reached ``threshold`` in the dense scan (greedy accuracy runs only there).
+
+    FileNotFoundError names the command that writes the scan."""
+    path = Path(scan_path)
+    if not path.exists():
+        raise FileNotFoundError(f"no dense scan at {path}: run python -m leank_ref evaluate --scan first.")
+    summary = json.loads(path.read_text())["summary"]
+    return tuple(sorted(s["length"] for s in summary if s["accuracy"] >= threshold))
+
+
 def example_for(tokenizer, spec: dict, grid: EvalGrid) -> Example:
-    """Build the :class:`Example` a sample spec describes."""
-    extra = {}
-    if spec["task"] == "passkey":
-        extra["depth"] = spec["depth"]
-    elif spec["task"] == "kv_retrieval":
+    """Build the :class:`Example` a sample spec describes (passkey depth: uniform, drawn from the seed)."""
+    task = "passkey" if spec["task"] == "passkey_greedy" else spec["task"]
+    extra = {"source": spec.get("source", "pydoc")}
+    if task == "kv_retrieval":
         extra["num_pairs"] = grid.kv_pairs
-    elif spec["task"] == "continuation":
+    elif task == "continuation":
         extra["answer_length"] = grid.answer_length
-    return make_example(spec["task"], tokenizer, spec["length"], seed=spec["seed"], **extra)
+    return make_example(task, tokenizer, spec["length"], seed=spec["seed"], **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +175,7 @@ class Config:
 
     method: str
     ratio: float
-    budget: str  # where the per-head counts come from: "leank", "uniform", or "none" (dense)
+    budget: str  # where the per-head counts come from: "leank", "uniform", "own" (a learned mask's), "none" (dense)
     selector: Selector = field(repr=False)
     counts: torch.Tensor | None = field(default=None, repr=False)  # int [L, G]
 
@@ -169,9 +194,9 @@ def build_configs(
 ) -> tuple[list[Config], list[str]]:
     """Dense first, then every (method, ratio, budget) of the grid; also what is pending (missing learned files)."""
     shape = model_facts(model).mask_shape
-    unknown = set(grid.methods) - set(SELECTORS) - {"dense"}
+    unknown = set(grid.methods) - set(ALL_METHODS) - {"dense"}
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {sorted(set(SELECTORS) - {'dense'})}.")
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {sorted(ALL_METHODS)}.")
     pending: list[str] = []
     fixed: dict[str, Selector] = {}
     if "static_qk" in grid.methods:
@@ -196,6 +221,14 @@ def build_configs(
             budgets.append(("uniform", uniform_counts(shape, realized, grid.align)))
         for method in grid.methods:
             if method == "dense":
+                continue
+            if method == "leank_authors":  # the authors' stage-2 variant, at its own per-head counts
+                path = learned_mask_path(ratio, masks_dir, variant="authors")
+                if path.exists():
+                    own = kept_counts(load_mask(path, shape, grid.align))
+                    configs.append(Config(method, ratio, "own", LeanKLearned(path), own))
+                else:
+                    pending.append(f"leank_authors r={ratio:g}: no learned mask at {path}")
                 continue
             if method == "leank":
                 if source == "leank":
@@ -275,11 +308,32 @@ def teacher_forced_logprobs(
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def kl_and_agreement(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:
-    """Mean over positions of KL(ref || other) in nats, and the share of positions with the same top-1 token."""
-    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)  # [A-1]
-    agree = (ref_logprobs.argmax(-1) == logprobs.argmax(-1)).float()
-    return float(kl.mean()), float(agree.mean())
+def needle_positions(tokenizer, answer_ids: torch.Tensor, needle: str) -> list[int]:
+    """Indices of the tokens of ``answer_ids`` whose text overlaps the first occurrence of ``needle`` in it."""
+    ids = answer_ids.tolist()
+    text = tokenizer.decode(ids)
+    start = text.find(needle)
+    if start < 0:
+        raise ValueError(f"the answer {text!r} does not contain the needle {needle!r}.")
+    end, out, prev = start + len(needle), [], 0
+    for j in range(len(ids)):
+        cur = len(tokenizer.decode(ids[: j + 1]))
+        if prev < end and cur > start:
+            out.append(j)
+        prev = cur
+    return out
+
+
+def answer_metrics(ref: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor, ll_at: list[int]) -> dict:
+    """Per row: ``ll`` (mean log-prob of ``targets`` at ``ll_at``), ``kl`` (mean KL(ref || row)), ``top1``.
+
+    ``ref`` [A, V] and ``logprobs`` [A, V] are next-token log-probs at the teacher-forced positions, ``targets``
+    [A] the tokens that follow; ``ll_at`` indexes those positions.
+    """
+    kl = (ref.exp() * (ref - logprobs)).sum(-1)  # [A]
+    agree = (ref.argmax(-1) == logprobs.argmax(-1)).float()
+    ll = logprobs.gather(-1, targets[:, None].to(logprobs.device))[:, 0]  # [A]
+    return {"ll": float(ll[ll_at].mean()), "kl": float(kl.mean()), "top1": float(agree.mean())}
 
 
 def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: EvalGrid) -> list[dict]:
@@ -287,18 +341,12 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
     ex = example_for(tokenizer, spec, grid)
     capture, last_logits = capture_prefill(model, ex.context_ids, values=True)
     masks = torch.stack([c.mask(model, capture, grid.align) for c in configs])  # [B, L, G, D]
-    base = {k: spec.get(k) for k in ("task", "length", "depth", "seed")}
+    base = {k: spec.get(k) for k in ("task", "source", "length", "seed")}
+    base["depth"] = ex.meta.get("depth")
     rows = []
-    if spec["task"] == "continuation":
-        logprobs = teacher_forced_logprobs(model, capture, ex.input_ids[ex.length_context :], masks, grid)
-        dense = logprobs[[c.method for c in configs].index("dense")]
-        for c, lp in zip(configs, logprobs):
-            kl, top1 = kl_and_agreement(dense, lp)
-            rows.append({**base, "method": c.method, "ratio": c.ratio, "budget": c.budget, "kl": kl, "top1": top1})
-    else:
+    if spec["task"] == "passkey_greedy":
         first = int(last_logits[0].argmax())
-        budget = grid.max_new_tokens if spec["task"] == "passkey" else grid.kv_max_new_tokens
-        outputs = generate_rows(model, capture, first, masks, grid, tokenizer, ex.answer, budget)
+        outputs = generate_rows(model, capture, first, masks, grid, tokenizer, ex.answer, grid.max_new_tokens)
         for c, ids in zip(configs, outputs):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             rows.append(
@@ -312,6 +360,25 @@ def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: E
                     "output": text.strip(),
                 }
             )
+        return rows
+    answer = ex.input_ids[ex.length_context :]
+    logprobs = teacher_forced_logprobs(model, capture, answer, masks, grid)  # [B, A-1, V]: predicts answer[1:]
+    targets = answer[1:]
+    if spec["task"] == "continuation":
+        ll_at = list(range(len(targets)))
+    else:  # the needle's digits; the answer's first token (from the dense prefill) is never one of them
+        ll_at = [j - 1 for j in needle_positions(tokenizer, answer, ex.answer) if j > 0]
+    dense = logprobs[[c.method for c in configs].index("dense")]
+    for c, lp in zip(configs, logprobs):
+        rows.append(
+            {
+                **base,
+                "method": c.method,
+                "ratio": c.ratio,
+                "budget": c.budget,
+                **answer_metrics(dense, lp, targets, ll_at),
+            }
+        )
     return rows
 
 
@@ -419,6 +486,22 @@ def evaluate_specs(
     return [row for i in range(len(specs)) for row in results[i]]
 
 
+def analyze(rows: list[dict], grid: EvalGrid) -> dict:
+    """Summaries (pooled over lengths, and per length), paired comparisons against dense and LeanK (pooled and per
+    length) and the headline of each text source, from the per-sample rows."""
+    tasks = tuple(t for t in grid.tasks if t in TEACHER_FORCED_TASKS)
+    comparisons = compare_all(rows, grid.tolerance, by=("task", "source"))
+    per_length = compare_all(rows, grid.tolerance, metrics=("ll", "kl", "correct"), by=("task", "source", "length"))
+    sources = sorted({r["source"] for r in rows if r["task"] in tasks})
+    return {
+        "summary": summarize(rows),
+        "by_length": summarize(rows, ("task", "source", "length", "method", "ratio", "budget")),
+        "comparisons": comparisons,
+        "comparisons_by_length": [c for c in per_length if c["b"] == "dense"],
+        "headline": {source: headline(comparisons, tasks, source=source) for source in sources} if tasks else {},
+    }
+
+
 def run_evaluation(
     model,
     tokenizer,
@@ -439,21 +522,14 @@ def run_evaluation(
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     configs, pending = build_configs(model, tokenizer, grid, masks_dir)
-    specs = [spec for task in grid.tasks for spec in grid.samples(task)]
+    specs = grid.specs()
     rows = evaluate_specs(model, tokenizer, specs, configs, grid, workers, model_path, progress)
-    summary = summarize(rows)
-    contexts = sorted({s["length"] for s in specs})
     report = {
         "grid": asdict(grid),
         "configs": [c.key for c in configs],
         "pending": pending,
-        "summary": summary,
-        "headline": {t: headline(summary, t) for t in grid.tasks if t in ACCURACY_TASKS},
-        "by_length": summarize(rows, ("task", "method", "ratio", "budget", "length")),
-        "by_cell": summarize(
-            [r for r in rows if r["task"] == "passkey"], ("task", "method", "ratio", "budget", "length", "depth")
-        ),
-        "memory": config_memory(configs, model, grid, max(contexts)),
+        **analyze(rows, grid),
+        "memory": [m for n in sorted({s["length"] for s in specs}) for m in config_memory(configs, model, grid, n)],
         "runtime_s": time.perf_counter() - start,
         "workers": workers,
         "threads": 1 if workers > 1 else torch.get_num_threads(),
@@ -464,7 +540,7 @@ def run_evaluation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / f"{name}_samples.csv", rows)
-    _write_csv(out / f"{name}_summary.csv", summary)
+    _write_csv(out / f"{name}_summary.csv", report["summary"])
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -518,30 +594,29 @@ def dense_passkey_scan(
 def add_arguments(parser) -> None:
     """The ``evaluate`` subcommand's options (defaults: the full grid of notebook 06)."""
     d = EvalGrid()
-    methods = sorted(set(SELECTORS) - {"dense"})
     parser.add_argument(
-        "--method",
-        nargs="+",
-        choices=methods,
-        default=list(d.methods),
-        help="methods to compare with dense (default: all)",
+        "--method", nargs="+", choices=ALL_METHODS, default=list(d.methods), help="methods compared with dense"
     )
     parser.add_argument(
         "--ratio", nargs="+", type=float, default=list(d.ratios), help="pruning ratios (default 0.5 0.7 0.8)"
     )
-    parser.add_argument("--task", nargs="+", choices=("passkey", "kv_retrieval", "continuation"), default=list(d.tasks))
-    parser.add_argument("--passkey-lengths", nargs="+", type=int, default=list(d.passkey_lengths))
+    parser.add_argument("--task", nargs="+", choices=TEACHER_FORCED_TASKS, default=list(d.tasks))
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(d.lengths), help="context lengths (tokens)")
+    parser.add_argument("--source", nargs="+", choices=SOURCES, default=list(d.sources), help="haystack text sources")
+    parser.add_argument("--samples", type=int, default=d.samples, help="samples per (task, source, length)")
     parser.add_argument(
-        "--passkey-repeats", type=int, default=d.passkey_repeats, help="samples per (length, depth) cell"
+        "--greedy-lengths",
+        nargs="*",
+        type=int,
+        help="greedy passkey accuracy at these lengths (default: where the dense scan reaches 0.8)",
     )
-    parser.add_argument("--kv-samples", type=int, default=d.kv_samples)
-    parser.add_argument("--continuation-samples", type=int, default=d.continuation_samples)
+    parser.add_argument("--greedy-samples", type=int, default=d.greedy_samples, help="samples per greedy length")
     parser.add_argument(
         "--no-uniform-ablation",
         action="store_true",
         help="skip the heuristics at uniform counts where LeanK's counts are the budget",
     )
-    parser.add_argument("--tiny", action="store_true", help="a grid of a few samples (seconds; a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="a grid of a few samples (a smoke test)")
     parser.add_argument(
         "--scan",
         nargs="*",
@@ -563,52 +638,64 @@ def add_arguments(parser) -> None:
         help="processes of one thread each sharing the samples (2 on a 2-core machine: fastest)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads of a single process (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
-def run_command(args) -> int:
-    """Run ``evaluate``: every method at every ratio on passkey, kv retrieval and continuation; write results/."""
-    from leank_ref.models import load_model
+def _run_scan(args, model, tokenizer, out: Path) -> int:
     from leank_ref.provenance import provenance
+
+    lengths = tuple(args.scan) or (256, 512, 768, 1024, 1536, 2048)
+    start = time.perf_counter()
+    rows = dense_passkey_scan(model, tokenizer, lengths, args.scan_samples, progress=not args.no_progress)
+    summary = summarize(rows, ("task", "method", "length"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "summary": summary,
+        "samples_per_length": args.scan_samples,
+        "runtime_s": time.perf_counter() - start,
+        "provenance": provenance(next(model.parameters()).device),
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    for s in summary:
+        print(
+            f"length {s['length']:>5}: dense passkey {s['accuracy']:.2f} "
+            f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] (n={s['n']})"
+        )
+    return 0
+
+
+def run_command(args) -> int:
+    """Run ``evaluate``: every method at every ratio, paired against dense, on held-in and held-out text."""
+    from leank_ref.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
     out = Path(args.out)
     if args.scan is not None:
-        lengths = tuple(args.scan) or (256, 512, 768, 1024, 1536, 2048)
-        start = time.perf_counter()
-        rows = dense_passkey_scan(model, tokenizer, lengths, args.scan_samples, progress=not args.no_progress)
-        summary = summarize(rows, ("task", "method", "length"))
-        out.mkdir(parents=True, exist_ok=True)
-        report = {
-            "summary": summary,
-            "samples_per_length": args.scan_samples,
-            "runtime_s": time.perf_counter() - start,
-            "provenance": provenance("cpu"),
-        }
-        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-        for s in summary:
-            print(
-                f"length {s['length']:>5}: dense passkey {s['accuracy']:.2f} "
-                f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] (n={s['n']})"
-            )
-        return 0
+        return _run_scan(args, model, tokenizer, out)
     overrides = dict(
         methods=tuple(args.method),
         ratios=tuple(args.ratio),
         tasks=tuple(args.task),
         uniform_ablation=not args.no_uniform_ablation,
     )
+    if args.greedy_lengths is not None:
+        overrides["greedy_lengths"] = tuple(args.greedy_lengths)
     if args.tiny:
         grid = tiny_grid(**overrides)
     else:
+        if args.greedy_lengths is None:  # the committed scan (results/), or one written to --out
+            scan = out / SCAN_FILE if (out / SCAN_FILE).exists() else RESULTS_DIR / SCAN_FILE
+            overrides["greedy_lengths"] = accuracy_lengths(scan)
         grid = EvalGrid(
             **overrides,
-            passkey_lengths=tuple(args.passkey_lengths),
-            passkey_repeats=args.passkey_repeats,
-            kv_samples=args.kv_samples,
-            continuation_samples=args.continuation_samples,
+            lengths=tuple(args.lengths),
+            sources=tuple(args.source),
+            samples=args.samples,
+            greedy_samples=args.greedy_samples,
         )
     report = run_evaluation(
         model,
@@ -623,17 +710,14 @@ def run_command(args) -> int:
     )
     for line in report["pending"]:
         print(f"pending: {line}")
-    for s in report["summary"]:
-        label = "dense" if s["method"] == "dense" else f"{s['method']}@{s['ratio']:g}/{s['budget']}"
-        if "accuracy" in s:
+    for c in report["comparisons"]:
+        if c["b"] == "dense" and c["metric"] in ("ll", "kl", "correct"):
             print(
-                f"{s['task']:>13} {label:<28} acc {s['accuracy']:.2f} "
-                f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] n={s['n']}"
+                f"{c['task']:>14} {c['source']:>6} {c['a']:<28} {c['metric']:>7} vs dense "
+                f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] n={c['n']} {c['verdict']}"
             )
-        else:
-            print(
-                f"{s['task']:>13} {label:<28} KL {s['kl']:.4f} "
-                f"[{s['kl_low']:.4f}, {s['kl_high']:.4f}] top-1 {s['top1']:.3f}"
-            )
+    for source, methods in report["headline"].items():
+        for method, rec in methods.items():
+            print(f"headline {source:>6} {method:<14} holds up to r={rec['ratio']}")
     print(f"wrote {out}/{args.name}.json ({report['runtime_s']:.0f} s wall, {args.workers} worker(s))")
     return 0

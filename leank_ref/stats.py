@@ -103,45 +103,148 @@ def verdict(low: float, high: float, tolerance: float = 0.0) -> str:
     return "worse" if high < 0 else "unclear"
 
 
-def summarize(rows: list[dict], by: tuple[str, ...] = ("task", "method", "ratio", "budget")) -> list[dict]:
-    """One record per group of ``by``: n and accuracy with Wilson interval, or KL / top-1 with normal intervals."""
+SAMPLE_KEY = ("task", "source", "length", "seed")  # what identifies one sample (every method sees the same ones)
+CONFIG_KEY = ("method", "ratio", "budget")  # what identifies one method at one budget
+HIGHER_IS_BETTER = {"ll": True, "top1": True, "correct": True, "kl": False}
+
+
+def config_label(config: tuple) -> str:
+    """``think@0.7/leank`` for ("think", 0.7, "leank"); ``dense`` for the dense row."""
+    method, ratio, budget = config
+    return "dense" if method == "dense" else f"{method}@{ratio:g}/{budget}"
+
+
+def summarize(rows: list[dict], by: tuple[str, ...] = ("task", "source", "method", "ratio", "budget")) -> list[dict]:
+    """One record per group of ``by``: n, then for each metric present its mean and 95% interval (accuracy: Wilson,
+    continuous metrics: normal). Unpaired, for describing one method; compare methods with :func:`compare`."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
     out = []
     for key, members in groups.items():
         rec = dict(zip(by, key), n=len(members))
-        if members[0].get("correct") is not None:
-            k = sum(int(m["correct"]) for m in members)
-            lo, hi = wilson_interval(k, len(members))
-            rec.update(accuracy=k / len(members), acc_low=lo, acc_high=hi)
-        else:
-            for metric in ("kl", "top1"):
-                mean, lo, hi = mean_interval([float(m[metric]) for m in members])
+        for metric in HIGHER_IS_BETTER:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if not values:
+                continue
+            if metric == "correct":
+                k = sum(int(v) for v in values)
+                lo, hi = wilson_interval(k, len(values))
+                rec.update(accuracy=k / len(values), acc_low=lo, acc_high=hi)
+            else:
+                mean, lo, hi = mean_interval([float(v) for v in values])
                 rec.update({metric: mean, f"{metric}_low": lo, f"{metric}_high": hi})
         out.append(rec)
     return out
 
 
-def headline(summary: list[dict], task: str, tolerance: float = 0.02, budget: str = "equal") -> dict[str, dict]:
-    """Per method: the highest ratio whose accuracy is >= dense's minus ``tolerance``, with that cell's interval.
+def paired_values(rows: list[dict], a: tuple, b: tuple, metric: str) -> tuple[list[float], list[float]]:
+    """The values of ``metric`` for configs ``a`` and ``b`` (:data:`CONFIG_KEY` tuples) on their common samples."""
 
-    ``budget="equal"`` reads the equal-budget rows (LeanK's counts where they exist, uniform elsewhere);
-    ``"uniform"`` only the uniform-count rows. A method that fails at every ratio gets ``ratio: None``.
+    def values(config: tuple) -> dict[tuple, float]:
+        return {
+            tuple(r[k] for k in SAMPLE_KEY): float(r[metric])
+            for r in rows
+            if tuple(r[k] for k in CONFIG_KEY) == config and r.get(metric) is not None
+        }
+
+    va, vb = values(a), values(b)
+    keys = sorted(set(va) & set(vb), key=str)
+    return [va[k] for k in keys], [vb[k] for k in keys]
+
+
+def compare(rows: list[dict], a: tuple, b: tuple, metric: str, tolerance: float = 0.0, n_boot: int = 2000) -> dict:
+    """Paired comparison of config ``a`` with config ``b`` on ``metric`` over their common samples.
+
+    Oriented so that a positive difference means ``a`` is better (for ``kl``: ``kl_b - kl_a``). Returns the
+    paired bootstrap ``{mean, low, high, n}``, the :func:`verdict` at ``tolerance``, and for ``correct`` also
+    the exact sign test (``wins_a``, ``wins_b``, ``ties``, ``p``).
     """
-    cells = [s for s in summary if s["task"] == task]
-    dense = next((s for s in cells if s["method"] == "dense"), None)
-    if dense is None:
-        raise ValueError(f"no dense row for task '{task}': the headline compares against dense.")
-    leank_ratios = {s["ratio"] for s in cells if s["budget"] == "leank"}
-    out: dict[str, dict] = {}
-    for s in sorted(cells, key=lambda s: s["ratio"]):
-        if s["method"] == "dense":
-            continue
-        equal = s["budget"] == "leank" or (s["budget"] == "uniform" and s["ratio"] not in leank_ratios)
-        if (budget == "equal" and not equal) or (budget == "uniform" and s["budget"] != "uniform"):
-            continue
-        rec = out.setdefault(s["method"], {"ratio": None, "dense": dense["accuracy"]})
-        if s["accuracy"] >= dense["accuracy"] - tolerance:
-            rec.update(ratio=s["ratio"], accuracy=s["accuracy"], acc_low=s["acc_low"], acc_high=s["acc_high"])
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric '{metric}'; choose from {sorted(HIGHER_IS_BETTER)}.")
+    x, y = paired_values(rows, a, b, metric)
+    if not x:
+        raise ValueError(f"{config_label(a)} and {config_label(b)} share no samples with '{metric}'.")
+    better, worse = (x, y) if HIGHER_IS_BETTER[metric] else (y, x)
+    out = {"a": config_label(a), "b": config_label(b), "metric": metric, **paired_bootstrap(better, worse, n_boot)}
+    out["verdict"] = verdict(out["low"], out["high"], tolerance)
+    if metric == "correct":
+        out.update(sign_test(x, y))
+    return out
+
+
+def compare_all(
+    rows: list[dict],
+    tolerance: float,
+    metrics: tuple[str, ...] = ("ll", "kl", "top1", "correct"),
+    by: tuple[str, ...] = ("task", "source"),
+) -> list[dict]:
+    """Every config against dense, and every config against LeanK at its ratio, within each group of ``by``.
+
+    One record per (group, a, b, metric) where both have values (:func:`compare`; ``a`` the config, ``b`` dense
+    or LeanK's learned mask at the same ratio).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    out = []
+    for key, members in groups.items():
+        configs = sorted({tuple(r[k] for k in CONFIG_KEY) for r in members}, key=lambda c: (c[1], str(c)))
+        dense = next((c for c in configs if c[0] == "dense"), None)
+        for config in configs:
+            refs = [] if config == dense or dense is None else [dense]
+            leank = (config[0] != "leank") and next((c for c in configs if c[0] == "leank" and c[1] == config[1]), None)
+            if leank and config[0] != "dense":
+                refs.append(leank)
+            for ref in refs:
+                for metric in metrics:
+                    if not any(m.get(metric) is not None for m in members):
+                        continue
+                    out.append(
+                        {
+                            **dict(zip(by, key)),
+                            **dict(zip(CONFIG_KEY, config)),
+                            **compare(members, config, ref, metric, tolerance),
+                        }
+                    )
+    return out
+
+
+def headline(
+    comparisons: list[dict], tasks: tuple[str, ...], metrics: tuple[str, ...] = ("ll", "kl"), source: str = "pydoc"
+) -> dict[str, dict]:
+    """Per method: the highest pruning ratio at which it *holds* dense on every task and metric, and at every lower
+    ratio tested (``ratio: None`` if it fails at the lowest).
+
+    Reads :func:`compare_all` records against dense, one text ``source``, equal-budget configs only: a learned
+    mask at its own counts ("leank", "own"), heuristics at LeanK's counts, or uniform counts where no learned
+    mask sets the budget. ``ratios`` maps each tested ratio to whether it held, and ``failed`` to what failed.
+    """
+    vs_dense = [c for c in comparisons if c["b"] == "dense" and c.get("source") == source and c["task"] in tasks]
+    if not vs_dense:
+        raise ValueError(f"no comparisons against dense for source '{source}' and tasks {list(tasks)}.")
+    leank_ratios = {c["ratio"] for c in vs_dense if c["budget"] == "leank"}
+    cells: dict[str, dict[float, list[dict]]] = {}
+    for c in vs_dense:
+        equal = c["budget"] in ("leank", "own") or (c["budget"] == "uniform" and c["ratio"] not in leank_ratios)
+        if equal and c["metric"] in metrics:
+            cells.setdefault(c["method"], {}).setdefault(c["ratio"], []).append(c)
+    out = {}
+    for method, by_ratio in cells.items():
+        rec = {"ratio": None, "ratios": {}, "failed": {}}
+        holding = True
+        for ratio in sorted(by_ratio):
+            checks = by_ratio[ratio]
+            bad = [
+                f"{c['task']} {c['metric']}: {c['verdict']}" for c in checks if c["verdict"] not in ("holds", "beats")
+            ]
+            missing = len(checks) < len(tasks) * len(metrics)
+            held = not bad and not missing
+            rec["ratios"][ratio] = held
+            if bad or missing:
+                rec["failed"][ratio] = bad + (["missing comparisons"] if missing else [])
+            holding = holding and held
+            if holding:
+                rec["ratio"] = ratio
+        out[method] = rec
     return out

@@ -82,3 +82,20 @@ def test_length_too_short(tokenizer):
 def test_unknown_task(tokenizer):
     with pytest.raises(ValueError, match="Unknown task 'summary'; choose one of"):
         make_example("summary", tokenizer, 300)
+
+
+def test_held_out_source_is_standard_library_code_never_the_training_text(tokenizer):
+    from leank_ref.data import HELD_OUT_MODULES, haystack_text
+
+    held_out, train = haystack_text("stdlib"), haystack_text("pydoc")
+    assert "def " in held_out and "class ArgumentParser" in held_out and len(held_out) > 200_000
+    assert held_out[:2000] not in train
+    for task in TASKS:
+        a = make_example(task, tokenizer, 300, seed=1, source="stdlib")
+        b = make_example(task, tokenizer, 300, seed=1)
+        assert a.input_ids.numel() == b.input_ids.numel() and not torch.equal(a.input_ids, b.input_ids)
+        assert a.meta["source"] == "stdlib" and b.meta["source"] == "pydoc"
+        assert torch.equal(a.input_ids, make_example(task, tokenizer, 300, seed=1, source="stdlib").input_ids)
+    assert len(HELD_OUT_MODULES) == len(set(HELD_OUT_MODULES))
+    with pytest.raises(ValueError, match="unknown text source 'web'"):
+        make_example("passkey", tokenizer, 300, seed=1, source="web")

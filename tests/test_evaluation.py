@@ -2,6 +2,7 @@
 answers, the statistics are right, and a tiny grid runs end to end through the command line and writes its files."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,9 +12,16 @@ from leank_ref.attention import SimulatedLeanK, capture_prefill, use_hook
 from leank_ref.baselines import learned_mask_path, uniform_counts
 from leank_ref.cache import apply_leank
 from leank_ref.data import continuation_example, make_example
-from leank_ref.evaluation import EvalGrid, generate_rows, read_rows, teacher_forced_logprobs
+from leank_ref.evaluation import (
+    EvalGrid,
+    answer_metrics,
+    generate_rows,
+    needle_positions,
+    read_rows,
+    teacher_forced_logprobs,
+)
 from leank_ref.masks import binarize, kept_counts, save_mask, top_count_mask
-from leank_ref.stats import headline, summarize
+from leank_ref.stats import compare_all, headline
 
 SHAPE, ALIGN = (30, 3, 64), 16
 
@@ -63,37 +71,71 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
             ).count(ex.answer)
 
 
-def test_headline_takes_the_highest_ratio_within_two_points_of_dense():
-    def row(method, ratio, budget, k, n=50):
+def test_needle_positions_cover_exactly_the_digits(tokenizer):
+    ex = make_example("passkey", tokenizer, 256, seed=4, depth=0.5)
+    answer = ex.input_ids[ex.length_context :]
+    pos = needle_positions(tokenizer, answer, ex.answer)
+    assert tokenizer.decode(answer[pos].tolist()).strip() == ex.answer and 0 not in pos
+    with pytest.raises(ValueError, match="does not contain the needle"):
+        needle_positions(tokenizer, answer, "99999x")
+
+
+def test_answer_metrics_known_values():
+    ref = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), -1)
+    same = answer_metrics(ref, ref, torch.tensor([0, 1]), [0, 1])
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1"] == 1.0
+    assert same["ll"] == pytest.approx(float(ref[0, 0] + ref[1, 1]) / 2)
+    flat = torch.log(torch.full((2, 3), 1 / 3))
+    other = answer_metrics(ref, flat, torch.tensor([0, 1]), [1])
+    expected_kl = float((ref.exp() * (ref - flat)).sum(-1).mean())
+    assert other["kl"] == pytest.approx(expected_kl) and other["ll"] == pytest.approx(-math.log(3))
+
+
+def test_headline_needs_every_task_to_hold_at_every_lower_ratio():
+    def rows(method, ratio, budget, ll_shift, kl):
         return [
-            {"task": "passkey", "method": method, "ratio": ratio, "budget": budget, "correct": int(i < k)}
-            for i in range(n)
+            {
+                "task": t,
+                "source": "pydoc",
+                "length": 512,
+                "seed": i,
+                "method": method,
+                "ratio": ratio,
+                "budget": budget,
+                "ll": -1.0 - (i % 5) * 0.3 + ll_shift,
+                "kl": kl + 0.001 * (i % 3),
+            }
+            for t in ("passkey", "continuation")
+            for i in range(30)
         ]
 
-    rows = (
-        row("dense", 0.0, "none", 40)
-        + row("leank", 0.5, "leank", 40)
-        + row("leank", 0.7, "leank", 39)
-        + row("rope", 0.5, "leank", 45)
-        + row("rope", 0.7, "leank", 10)
-        + row("rope", 0.7, "uniform", 40)
-        + row("rope", 0.8, "uniform", 39)
-        + row("random", 0.5, "leank", 0)
+    data = (
+        rows("dense", 0.0, "none", 0.0, 0.0)
+        + rows("leank", 0.5, "leank", -0.01, 0.01)
+        + rows("leank", 0.7, "leank", -0.02, 0.02)
+        + rows("leank", 0.8, "leank", -0.3, 0.01)  # loses 0.3 nats: fails
+        + rows("rope", 0.5, "leank", 0.0, 0.2)  # KL too large at 0.5 ...
+        + rows("rope", 0.7, "leank", 0.0, 0.0)  # ... so holding at 0.7 does not count
+        + rows("rope", 0.7, "uniform", 0.0, 0.0)  # not the equal budget at 0.7
     )
-    summary = summarize(rows)
-    best = headline(summary, "passkey")
-    assert best["leank"]["ratio"] == 0.7  # 0.78 >= 0.80 - 0.02
-    assert best["rope"]["ratio"] == 0.8  # at 0.7 the equal budget is LeanK's counts (0.2); 0.8 has only uniform
-    assert best["random"]["ratio"] is None
-    assert headline(summary, "passkey", budget="uniform")["rope"]["ratio"] == 0.8
-    with pytest.raises(ValueError, match="no dense row"):
-        headline([s for s in summary if s["method"] != "dense"], "passkey")
+    comparisons = compare_all(data, tolerance=0.05)
+    best = headline(comparisons, ("passkey", "continuation"))
+    assert best["leank"]["ratio"] == 0.7 and best["leank"]["ratios"] == {0.5: True, 0.7: True, 0.8: False}
+    assert sorted(best["leank"]["failed"][0.8]) == ["continuation ll: worse", "passkey ll: worse"]
+    assert best["rope"]["ratio"] is None and best["rope"]["ratios"][0.7] is True
+    vs_leank = [c for c in comparisons if c["b"] == "leank@0.7/leank" and c["a"] == "rope@0.7/leank"]
+    assert {c["metric"] for c in vs_leank} == {"ll", "kl"}  # paired against LeanK too; no top1 in these rows
+    with pytest.raises(ValueError, match="no comparisons against dense"):
+        headline(comparisons, ("passkey",), source="stdlib")
 
 
 def test_tiny_grid_runs_from_the_command_line_and_writes_files(model, tmp_path):
     masks_dir = tmp_path / "masks"
     g = torch.Generator().manual_seed(2)
     save_mask(binarize(torch.rand(SHAPE, generator=g), 0.5, ALIGN), learned_mask_path(0.5, masks_dir))
+    save_mask(
+        binarize(torch.rand(SHAPE, generator=g), 0.5, ALIGN), learned_mask_path(0.5, masks_dir, variant="authors")
+    )
     out = tmp_path / "results"
     code = main(
         [
@@ -101,8 +143,8 @@ def test_tiny_grid_runs_from_the_command_line_and_writes_files(model, tmp_path):
             "--tiny",
             "--method",
             "leank",
+            "leank_authors",
             "think",
-            "rope",
             "random",
             "--ratio",
             "0.5",
@@ -121,26 +163,29 @@ def test_tiny_grid_runs_from_the_command_line_and_writes_files(model, tmp_path):
     assert report["configs"] == [
         "dense",
         "leank@0.5/leank",
+        "leank_authors@0.5/own",
         "think@0.5/leank",
         "think@0.5/uniform",
-        "rope@0.5/leank",
-        "rope@0.5/uniform",
         "random@0.5/leank",
         "random@0.5/uniform",
         "think@0.8/uniform",
-        "rope@0.8/uniform",
         "random@0.8/uniform",
     ]
-    assert report["pending"] == [f"leank r=0.8: no learned mask at {learned_mask_path(0.8, masks_dir)}"]
+    assert report["pending"] == [
+        f"leank r=0.8: no learned mask at {learned_mask_path(0.8, masks_dir)}",
+        f"leank_authors r=0.8: no learned mask at {learned_mask_path(0.8, masks_dir, variant='authors')}",
+    ]
     assert report["provenance"]["torch"] == torch.__version__
     samples = read_rows(out / "tiny_samples.csv")
-    assert len(samples) == 11 * (2 + 1 + 2)  # configs x (passkey + kv + continuation samples)
-    summary = read_rows(out / "tiny_summary.csv")
-    dense_cont = next(s for s in summary if s["method"] == "dense" and s["task"] == "continuation")
-    assert dense_cont["kl"] == 0.0 and dense_cont["top1"] == 1.0
-    for s in summary:
-        if s["accuracy"] is not None:
-            assert 0.0 <= s["acc_low"] <= s["accuracy"] <= s["acc_high"] <= 1.0
+    assert len(samples) == 9 * (3 * 2 + 1)  # configs x (3 tasks x 2 sources + 1 greedy passkey)
+    assert {s["source"] for s in samples} == {"pydoc", "stdlib"}
+    dense = [s for s in samples if s["method"] == "dense" and s["task"] != "passkey_greedy"]
+    assert all(s["kl"] == 0.0 and s["top1"] == 1.0 and s["ll"] < 0 for s in dense)
+    for c in report["comparisons"]:
+        assert c["low"] <= c["mean"] <= c["high"] and c["verdict"] in ("beats", "holds", "worse", "unclear")
+    greedy = [c for c in report["comparisons"] if c["task"] == "passkey_greedy" and c["b"] == "dense"]
+    assert greedy and all({"wins_a", "wins_b", "p"} <= set(c) for c in greedy)
+    assert set(report["headline"]) == {"pydoc", "stdlib"}
     memory = {(m["method"], m["ratio"], m["budget"]): m for m in report["memory"]}
     assert memory[("think", 0.8, "uniform")]["pruned_ratio"] == pytest.approx(0.8, abs=0.02)
     assert memory[("dense", 0.0, "none")]["k_saved"] == 0.0
