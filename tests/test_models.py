@@ -1,7 +1,9 @@
 """Model loading: the embedded SmolLM2 works end to end; every bad input names its fix."""
 
 import importlib.util
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +60,20 @@ def test_cuda_without_device_is_refused():
         pytest.skip("a CUDA device is present")
     with pytest.raises(RuntimeError, match="use device='cpu'"):
         load_model(device="cuda")
+
+
+def test_shipped_masks_are_found_by_name(model):
+    root = Path(models.__file__).resolve().parent.parent
+    assert models.masks_dir() == root / "masks"  # an editable install reads the checkout's folder
+    mask = models.shipped_mask("smollm2-135m_r0.7", model)
+    assert mask.shape == (30, 3, 64) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert models.shipped_mask_path("reference/llama3.1-8b-instruct.pth").name == "llama3.1-8b-instruct.pth"
+    with pytest.raises(FileNotFoundError, match="shipped: .*smollm2-135m_r0.7"):
+        models.shipped_mask("smollm2-135m_r0.9")
+    with pytest.raises(ValueError, match="model needs"):
+        models.shipped_mask("reference/llama3.1-8b-instruct", model)  # a Llama-3.1-8B mask for SmolLM2
+
+
+def test_cache_argument_is_the_forward_keyword(model):
+    name = models.cache_argument(model)
+    assert name in ("cache", "past_key_values") and name in inspect.signature(model.forward).parameters
