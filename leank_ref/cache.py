@@ -60,7 +60,6 @@ from .decode import LeanKAttention
 from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows
 from .masks import check_align, kept_counts, validate_mask
 from .models import cache_argument, check_supported, model_facts
-from .static_decode import LengthMaskedAttention
 
 __all__ = ["LeanKCache", "LeanKHandle", "MemoryReport", "apply_leank", "cache_argument", "memory_formula"]
 
@@ -479,7 +478,7 @@ class LeanKCache(Cache):
         check_windows(sink, recent, block)
         if static and (max_tokens is None or max_tokens < 1):
             raise ValueError("static=True preallocates the cache: give max_tokens (prompt + new tokens).")
-        self.attention = LengthMaskedAttention(backend) if static else LeanKAttention(backend)
+        self.attention = LeanKAttention(backend)
         self.static, self.max_tokens = static, max_tokens
         if backend == "triton" and align % MIN_KEPT:
             raise ValueError(f"backend='triton' needs align to be a multiple of {MIN_KEPT}; got align={align}.")

@@ -12,9 +12,10 @@ gives exactly that:
 * the compaction of a block (once every ``block`` tokens) runs eagerly *between* replays (``begin_step``): it
   moves data inside the fixed buffers and rewrites ``lengths``, addresses stay the same.
 
-Attention then masks what is not filled: the Triton kernel takes ``lengths`` itself; the torch path below sets
-the logits of unfilled slots to ``-inf`` (buffers start zeroed, so no slot holds a NaN). :func:`greedy_decode`
-is the decode loop: prefill eagerly, then one step per token, replayed from a graph on CUDA.
+Attention then masks what is not filled: the layer's ``lengths`` go to the Triton decoder and to
+:func:`leank_ref.decode.leank_decode_torch`, which set unfilled slots aside on the device (the buffers start
+zeroed, so no slot holds a NaN). :func:`greedy_decode` is the decode loop: prefill eagerly, then one step per
+token, replayed from a graph on CUDA.
 """
 
 from __future__ import annotations
@@ -23,52 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .decode import LeanKAttention
-from .layout import MiddleGroup
 from .models import cache_argument
-
-
-def leank_decode_torch_masked(
-    q: torch.Tensor,
-    k_full: torch.Tensor,
-    v_full: torch.Tensor,
-    groups: list[MiddleGroup],
-    lengths: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """LeanK decode attention over whole buffers, of which the first ``lengths = (n_full, n_mid)`` are filled.
-
-    q [B, H, D]; k_full, v_full [B, G, F, D] (F slots); each group's k [B, Gc, M, c], v [B, Gc, M, D] (M slots).
-    The same softmax as :func:`leank_ref.decode.leank_decode_torch` over the filled slots (float32): [B, H, D].
-    """
-    b, h, d = q.shape
-    g, f = k_full.shape[1], k_full.shape[2]
-    m = groups[0].k.shape[2] if groups else 0
-    r = h // g
-    qf = (q.float() * scaling).view(b, g, r, d)
-    logits = qf.new_full((b, g, r, f + m), float("-inf"))  # the middle of a head that keeps nothing stays -inf
-    logits[..., :f] = qf @ k_full.float().transpose(-1, -2)
-    for grp in groups:
-        index = grp.channels[None, :, None, :].expand(b, -1, r, -1)  # [B, Gc, r, c]
-        q_kept = torch.gather(qf.index_select(1, grp.kv_heads), -1, index)
-        logits[:, grp.kv_heads, :, f:] = q_kept @ grp.k.float().transpose(-1, -2)
-    slot = torch.arange(f + m, device=q.device)
-    filled = torch.where(slot < f, slot < lengths[0], slot - f < lengths[1])  # [F + M]
-    p = torch.softmax(logits.masked_fill(~filled, float("-inf")), -1)
-    out = p[..., :f] @ v_full.float()
-    for grp in groups:
-        out.index_add_(1, grp.kv_heads, p[:, grp.kv_heads, :, f:] @ grp.v.float())
-    return out.view(b, h, d).to(q.dtype)
-
-
-class LengthMaskedAttention(LeanKAttention):
-    """The decode hook of a static LeanK cache: the whole buffers, filled lengths read from ``store.lengths``."""
-
-    def decode(self, store, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        if self.uses_triton(query.device):  # the Triton decoder reads store.lengths itself
-            return super().decode(store, query, scaling)
-        q = query[:, :, 0]
-        return leank_decode_torch_masked(q, store.keys, store.values, store.groups, store.lengths, scaling)[:, None]
 
 
 def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
