@@ -200,6 +200,85 @@ def run_recipe(masks: Path, fast: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 3. The comparison with the GPU masks
+
+
+def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: int, fast: bool) -> dict:
+    """Laptop vs shipped GPU mask at each ratio on the evaluation's held-out samples (deployed meaning).
+
+    Per (task, source) and pooled over all samples: the paired bootstrap of the per-sample difference in KL to
+    dense (laptop minus GPU, nats per token; > 0: the laptop mask is further from dense) and in the needle
+    log-likelihood (laptop minus GPU; < 0: the laptop mask is less sure of the needle).
+    """
+    from leank_ref.baselines import MASKS_DIR, Dense, LeanKLearned, learned_mask_path
+    from leank_ref.evaluation import Config, EvalGrid, evaluate_specs, tiny_grid
+    from leank_ref.masks import kept_counts, load_mask
+    from leank_ref.models import load_model, model_facts
+    from leank_ref.stats import compare
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model()
+    shape = model_facts(model).mask_shape
+    grid = (tiny_grid if fast else EvalGrid)(ratios=RATIOS, lengths=lengths, samples=samples, greedy_lengths=())
+    configs = [Config("dense", 0.0, "none", Dense())]
+    files = {}
+    for ratio in RATIOS:
+        for method, path in (
+            ("leank", learned_mask_path(ratio, MASKS_DIR)),
+            ("leank_laptop", masks / f"{TAG}_r{ratio:g}.pth"),
+        ):
+            configs.append(Config(method, ratio, "own", LeanKLearned(path), kept_counts(load_mask(path, shape))))
+            files[f"{method}@{ratio:g}"] = {"path": str(path.resolve().relative_to(ROOT)), "sha256": _sha256(path)}
+    specs = grid.specs()
+    begun = time.perf_counter()
+    rows = evaluate_specs(model, tokenizer, specs, configs, grid, workers=workers)
+    seconds = time.perf_counter() - begun
+
+    def gap(members: list[dict], ratio: float, metric: str) -> dict:
+        laptop, gpu = ("leank_laptop", ratio, "own"), ("leank", ratio, "own")
+        c = compare(members, laptop, gpu, metric, grid.tolerance, n_boot=10_000)  # > 0: laptop better
+        sign = -1.0 if metric == "kl" else 1.0  # report laptop - gpu of the metric itself
+        low, high = sorted((sign * c["low"], sign * c["high"]))
+        return {"laptop_minus_gpu": sign * c["mean"], "low": low, "high": high, "n": c["n"], "verdict": c["verdict"]}
+
+    def mean(members: list[dict], method: str, ratio: float, metric: str) -> float:
+        values = [
+            r[metric] for r in members if r["method"] == method and r["ratio"] == (ratio if method != "dense" else 0)
+        ]
+        return sum(values) / len(values)
+
+    groups: dict[str, list[dict]] = {"all": rows}
+    for r in rows:
+        groups.setdefault(f"{r['task']}/{r['source']}", []).append(r)
+    out = {"by_ratio": {}}
+    for ratio in RATIOS:
+        per = {}
+        for name, members in groups.items():
+            per[name] = {
+                "kl": gap(members, ratio, "kl"),
+                "ll": gap(members, ratio, "ll"),
+                "mean_kl": {m: mean(members, m, ratio, "kl") for m in ("leank", "leank_laptop")},
+                "mean_ll": {m: mean(members, m, ratio, "ll") for m in ("leank", "leank_laptop", "dense")},
+            }
+        out["by_ratio"][f"{ratio:g}"] = per
+    out["kl_gap_vs_gpu"] = {f"{r:g}": out["by_ratio"][f"{r:g}"]["all"]["kl"] for r in RATIOS}
+    out["needle_ll_gap_vs_gpu"] = {
+        f"{r:g}": gap([x for x in rows if x["task"] != "continuation"], r, "ll") for r in RATIOS
+    }
+    out["samples"] = {"count": len(specs), "tasks": list(grid.tasks), "sources": list(grid.sources)}
+    out["samples"].update({"lengths": list(grid.lengths), "per_cell": grid.samples, "seconds": round(seconds, 1)})
+    out["masks"] = files
+    out["tolerance_nats"] = grid.tolerance
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -210,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="a few steps on short contexts (checks the script)")
     parser.add_argument("--compare-only", action="store_true", help="skip the profile and the training")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparison with the GPU masks")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="comparison context lengths")
+    parser.add_argument("--samples", type=int, default=4, help="comparison samples per (task, text, length)")
+    parser.add_argument("--workers", type=int, default=2, help="comparison processes (one thread each)")
     args = parser.parse_args(argv)
     out, masks = Path(args.out), Path(args.masks)
     result = json.loads(out.read_text()) if args.compare_only and out.exists() else {}
@@ -228,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_profile:
             result["profile"] = profile(context=300 if args.fast else 512, repeats=1 if args.fast else 2)
         result.update(run_recipe(masks, args.fast))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result["recipe_provenance"] = provenance("cpu")  # the code and machine the timing comes from
+        out.write_text(json.dumps({**result, "provenance": result["recipe_provenance"]}, indent=1) + "\n")
+    if not args.no_compare:
+        comparison = compare_masks(masks, tuple(args.lengths), args.samples, args.workers, args.fast)
+        result["comparison"] = comparison
+        result["kl_gap_vs_gpu"] = comparison["kl_gap_vs_gpu"]
+        result["needle_ll_gap_vs_gpu"] = comparison["needle_ll_gap_vs_gpu"]
     result["provenance"] = provenance("cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
