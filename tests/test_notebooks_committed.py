@@ -28,7 +28,6 @@ WAITING_EXERCISES = {  # chapters whose final outputs are still being made; the 
         "01_channel_sparsity.ipynb",
         "02_two_stage_training.ipynb",
         "03_alignment_aware_binarization.ipynb",
-        "05_kernel_speedups.ipynb",
         "06_accuracy_vs_baselines.ipynb",
     )
 }
