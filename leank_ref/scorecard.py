@@ -130,53 +130,58 @@ def kernel_rows(root: Path) -> list[Row]:
     return rows
 
 
-def _decode_entries(result: dict) -> list[tuple[int, int, float, float | None, str]]:
-    """(batch, tokens, LeanK over the best dense step, LeanK over the same cache keeping every channel, entry)."""
-    # The benchmark's ``headline`` block (``speedup_vs_best_dense``, ``speedup_vs_all_ones`` per ``B8_N32K`` shape);
-    # files written before it existed have ``leank_speedup``/``leank_speedup_vs_ones`` in each ``decode`` row.
-    out = []
+def _decode_entries(result: dict) -> dict[tuple[int, int], dict]:
+    """Per (batch, tokens): LeanK's step over the same cache keeping every channel (``ones``) and over the best dense
+    step (``dense``), and the entry they come from."""
+    # The benchmark's ``headline`` block per ``B8_N32K`` shape; files written before it existed have
+    # ``leank_speedup``/``leank_speedup_vs_ones`` in each ``decode`` row.
+    out = {}
     for name, h in (result.get("headline") or {}).items():
         batch, tokens = name[1:].split("_N")
         tokens = int(tokens[:-1]) * 1024 if tokens.endswith("K") else int(tokens)
-        if h.get("speedup_vs_best_dense") is not None:
-            out.append(
-                (int(batch), tokens, h["speedup_vs_best_dense"], h.get("speedup_vs_all_ones"), f"headline.{name}")
-            )
+        if h.get("speedup_vs_all_ones") is not None:
+            out[(int(batch), tokens)] = {
+                "ones": h["speedup_vs_all_ones"],
+                "dense": h.get("speedup_vs_best_dense"),
+                "where": f"headline.{name}.speedup_vs_all_ones",
+            }
     if not out:
         for r in result.get("decode", []):
-            if r.get("leank_speedup") is not None:
-                where = f"decode[batch={r['batch']}, context={r['context']}]"
-                out.append((r["batch"], r["context"], r["leank_speedup"], r.get("leank_speedup_vs_ones"), where))
+            if r.get("leank_speedup_vs_ones") is not None:
+                out[(r["batch"], r["context"])] = {
+                    "ones": r["leank_speedup_vs_ones"],
+                    "dense": r.get("leank_speedup"),
+                    "where": f"decode[batch={r['batch']}, context={r['context']}].leank_speedup_vs_ones",
+                }
     return out
 
 
 def decoding_rows(root: Path) -> list[Row]:
-    """Decoding speed-up: whole greedy steps of a Llama-3.1-8B-shaped model with the LeanK cache over dense."""
+    """Decoding speed-up from pruning: whole greedy steps of a Llama-3.1-8B-shaped model, LeanK over the same cache
+    and kernel keeping every channel (the dense control that differs only in the mask).
+
+    The speed-up over transformers' dense loops is shown beside it but not judged: those loops are bound by the
+    host (Python launches), so that ratio measures the baselines more than the pruning.
+    """
     result = _load_json(root / "benchmarks" / "results" / "end_to_end.json") or {}
     claim, paper = "decoding speed-up", "1.45x"
-    entries = {(b, n): (v, ones, where) for b, n, v, ones, where in _decode_entries(result)}
+    entries = _decode_entries(result)
     shapes = [(8, 32768), (1, 131072) if (1, 131072) in entries or (1, 32768) not in entries else (1, 32768)]
     rows = []
     for batch, tokens in shapes:
         source = f"benchmarks/results/end_to_end.json: headline.B{batch}_N{tokens // 1024}K"
-        if (batch, tokens) not in entries:
+        entry = entries.get((batch, tokens))
+        if entry is None:
             rows.append(_missing(claim, paper, source, "file or shape absent"))
             continue
-        value, ones, where = entries[(batch, tokens)]
-        source = f"benchmarks/results/end_to_end.json: {where}"
-        verdict = _speed_verdict(value, 1.45)
-        ours = f"{value:.2f}x"
-        if ones is not None:
-            ours += f" ({ones:.2f}x over the same cache keeping every channel)"
-            if verdict == "yes" and ones < 1.0:
-                verdict = (
-                    "partly: the same cache keeping every channel is faster still, so the gain over dense comes "
-                    "from the cache's implementation, not from pruning"
-                )
+        ours = f"{entry['ones']:.2f}x over the same cache keeping every channel"
+        if entry["dense"] is not None:
+            ours += f" ({entry['dense']:.2f}x over transformers' fastest dense loop, host-bound)"
         setting = f"Llama-3.1-8B shape (random weights), authors' mask, batch {batch}, {tokens // 1024}K tokens; " + (
             _device(result)
         )
-        rows.append(Row(claim, paper, ours, setting, source, verdict))
+        source = f"benchmarks/results/end_to_end.json: {entry['where']}"
+        rows.append(Row(claim, paper, ours, setting, source, _speed_verdict(entry["ones"], 1.45)))
     return rows
 
 
@@ -197,11 +202,36 @@ def _summary(root: Path) -> list[dict]:
     return rows
 
 
+def _held_rows(evaluation: dict, claim: str, paper: str) -> list[Row]:
+    """Rows from an evaluation whose ``headline[source][method]`` says which ratios hold dense (``ratios``)."""
+    rows = []
+    device = _device(evaluation)
+    for source, methods in sorted(evaluation["headline"].items()):
+        h = (methods or {}).get("leank") or {}
+        ratios = {round(float(r), 3): bool(ok) for r, ok in (h.get("ratios") or {}).items()}
+        where = f"results/eval.json: headline.{source}.leank"
+        if 0.7 not in ratios:
+            rows.append(_missing(claim, paper, where, "r=0.7 not evaluated"))
+            continue
+        held = ", ".join(f"r={r:g} {'held' if ok else 'not held'}" for r, ok in sorted(ratios.items()))
+        setting = (
+            f"our SmolLM2-135M masks, {source} text, held = needle log-likelihood and KL within the evaluation's "
+            f"tolerance of dense (paired); {device}"
+        )
+        verdict = "yes" if ratios[0.7] else "no (r=0.7 does not hold dense)"
+        rows.append(Row(claim, paper, held, setting, where, verdict))
+    return rows
+
+
 def accuracy_rows(root: Path) -> list[Row]:
-    """Accuracy at r=0.7 (SmolLM2, our learned mask) beside the dense model's, per retrieval task."""
-    summary = _summary(root)
-    device = _device(_load_json(root / "results" / "eval.json") or {})
+    """Accuracy at r=0.7 (SmolLM2, our learned mask) beside the dense model's."""
     claim, paper = "accuracy held", "no loss at r=0.7"
+    evaluation = _load_json(root / "results" / "eval.json") or {}
+    headline = evaluation.get("headline") or {}
+    if any("ratios" in ((m or {}).get("leank") or {}) for m in headline.values() if isinstance(m, dict)):
+        return _held_rows(evaluation, claim, paper)
+    summary = _summary(root)  # evaluations that scored answers: accuracy per task with a 95% interval
+    device = _device(evaluation)
     rows = []
     for task in ("passkey", "kv_retrieval"):
         source = f"results/eval_summary.csv: task={task}, method=leank vs dense"
