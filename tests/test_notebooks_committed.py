@@ -18,7 +18,6 @@ WAITING_FULL_RUN = {  # chapters whose committed outputs predate the inline-figu
     "03_alignment_aware_binarization.ipynb": "its full re-run",
     "06_accuracy_vs_baselines.ipynb": "its full re-run",
     "07_your_own_model.ipynb": "its first full run",
-    "01_channel_sparsity_solutions.ipynb": "its first full run",
     "02_two_stage_training_solutions.ipynb": "its first full run",
     "04_pruned_cache_generation_solutions.ipynb": "its first full run",
 }
