@@ -219,7 +219,7 @@ class LeanKLayer(CacheLayerMixin):
         if not prefill and t != 1:
             raise NotImplementedError(
                 f"LeanKCache takes a multi-token input only as the first call (prefill); got {t} tokens for a "
-                "non-empty cache. Decode one token at a time, or start a new cache (handle.new_cache())."
+                "non-empty cache. Decode one token at a time, or start a new LeanKCache for the next prompt."
             )
         if key_states.shape[0] != self._kv_full.shape[1]:
             raise ValueError(
