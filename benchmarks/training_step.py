@@ -6,9 +6,9 @@ Run from the repository root (CPU by default; ``--device cuda`` on a GPU):
         [--out benchmarks/results/training_step_cpu.json]
 
 A stage-1 step (``Trainer.step``) = one no-grad prefill of the context (its K/V cache is shared by both
-passes: context queries never see pruned keys) + the teacher's answer tokens (no grad) + the student's answer tokens under
-``SimulatedLeanK`` (with grad) + backward + AdamW + clamp. Only the answer tokens (8-32 of them) run twice, so
-the step should cost little more than the prefill; the target is <= 2.5x.
+passes: context queries never see pruned keys) + the teacher's answer tokens (no grad) + the student's answer
+tokens under ``SimulatedLeanK`` (with grad) + backward + AdamW + clamp. Only the answer tokens (8-32 of them)
+run twice, so the step should cost little more than the prefill; the target is <= 2.5x.
 
 For each task of the training mixture, one example with exactly ``--context`` context tokens is built; the
 prefill and the step are timed alternately, ``--repeats`` times each after a warm-up, so both see the same
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"step / prefill: mean over tasks {report['ratio_mean_over_tasks']:.2f}, worst "
         f"{report['ratio_worst_task']:.2f} ({worst_task}); target <= {TARGET}: "
-        f"{'met' if report['meets_target'] else 'MISSED'}. Wrote {args.out}"
+        f"{'met' if report['meets_target'] else 'not met'}. Wrote {args.out}"
     )
     return report
 

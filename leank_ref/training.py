@@ -17,7 +17,7 @@ the binarization of the final factors. Two variants of the forward pass (``Train
   Such a head's factors get no gradient (the loss does not depend on them); it regains channels only when
   other factors fall below its own.
 * ``"authors"``: the authors' code, ``where(mask, s, 0)`` (kept channels scaled by their factor) and a zero
-  head's middle keys at logit 0. What it trains differs from what the cache deploys in both respects.
+  head's middle keys at logit 0. What it trains differs from what the cache deploys in both ways.
 
 The shared prefill: context queries attend normally in both passes, so the context's K/V cache does not
 depend on ``s``. One no-grad prefill serves the teacher and the student; only the answer tokens run twice.
