@@ -28,6 +28,7 @@ PAPER = {"attention kernel": 1.3, "decoding": 1.45}  # Zhang et al. (EMNLP 2025)
 E2E_MODES = {
     "dense_eager": ("dense, eager (SDPA flash)", "#9e9e9e"),
     "dense_graph": ("dense, CUDA graph (StaticCache)", "#424242"),
+    "dense_triton_graph": ("dense, CUDA graph (our split-KV kernel)", "#1565c0"),
     "ones_eager": ("LeanK all-ones mask, eager", "#ffcc80"),
     "ones_graph": ("LeanK all-ones mask, CUDA graph", "#ef6c00"),
     "leank_eager": ("LeanK, eager", "#a5d6a7"),
