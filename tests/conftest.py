@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread per module: on a shared 2-core machine two OpenMP threads per process run ~5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_and_tokenizer():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct."""

@@ -43,13 +43,7 @@ def get_mask(name: str) -> torch.Tensor:
     return r07_test_mask() if name == "test" else load_mask(SHIPPED, (30, 3, 64), 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads per process run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def effective_recent(n_cached: int) -> int:

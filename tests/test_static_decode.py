@@ -18,13 +18,7 @@ WINDOWS = {"sink": 8, "recent": 24, "block": 8}  # small windows: 20 steps cross
 STEPS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads per process run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def r07_mask() -> torch.Tensor:
