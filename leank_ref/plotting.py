@@ -71,7 +71,7 @@ def save_figure(fig, name: str) -> Path:
 def head_heatmap(ax, values, title: str, label: str, **imshow_kwargs):
     """Draw a per-(layer, KV head) quantity ``values`` [L, G] as a heatmap, heads across, layers down."""
     im = ax.imshow(values, aspect="auto", interpolation="nearest", **imshow_kwargs)
-    ax.set(xlabel="KV head", ylabel="layer", title=title)
+    ax.set(xlabel="KV head", ylabel="layer", title=title, xticks=range(len(values[0])))
     ax.grid(False)
     ax.figure.colorbar(im, ax=ax, label=label)
     return im
