@@ -21,7 +21,6 @@ WAITING_FULL_RUN = {  # chapters whose committed outputs predate the inline-figu
 WAITING_EXERCISES = {  # chapters whose final outputs are still being made; the Exercises cell is appended after
     name: "its final run before the Exercises cell is appended"
     for name in (
-        "01_channel_sparsity.ipynb",
         "02_two_stage_training.ipynb",
         "03_alignment_aware_binarization.ipynb",
         "06_accuracy_vs_baselines.ipynb",
