@@ -210,7 +210,7 @@ def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: 
     dense (laptop minus GPU, nats per token; > 0: the laptop mask is further from dense) and in the needle
     log-likelihood (laptop minus GPU; < 0: the laptop mask is less sure of the needle).
     """
-    from leank_ref.baselines import MASKS_DIR, Dense, LeanKLearned, learned_mask_path
+    from leank_ref.baselines import Dense, LeanKLearned, learned_mask_path
     from leank_ref.evaluation import Config, EvalGrid, evaluate_specs, tiny_grid
     from leank_ref.masks import kept_counts, load_mask
     from leank_ref.models import load_model, model_facts
@@ -224,7 +224,7 @@ def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: 
     files = {}
     for ratio in RATIOS:
         for method, path in (
-            ("leank", learned_mask_path(ratio, MASKS_DIR)),
+            ("leank", learned_mask_path(ratio, ROOT / "masks")),
             ("leank_laptop", masks / f"{TAG}_r{ratio:g}.pth"),
         ):
             configs.append(Config(method, ratio, "own", LeanKLearned(path), kept_counts(load_mask(path, shape))))
