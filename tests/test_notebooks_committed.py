@@ -21,7 +21,6 @@ WAITING_EXERCISES = {  # chapters whose final outputs are still being made; the 
     name: "its final run before the Exercises cell is appended"
     for name in (
         "02_two_stage_training.ipynb",
-        "03_alignment_aware_binarization.ipynb",
         "06_accuracy_vs_baselines.ipynb",
     )
 }
