@@ -12,12 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*_solutions.ipynb"))
 SAVES_FIGURE = re.compile(r"\bsave_figure\(")
-# Work in progress, skipped by name until it lands (remove an entry when its notebook is committed as required):
-WAITING_FULL_RUN = {  # chapters whose committed outputs predate the inline-figure backend, or were never run
-}
-WAITING_EXERCISES = {  # chapters whose final outputs are still being made; the Exercises cell is appended after
-    name: "its final run before the Exercises cell is appended" for name in ("02_two_stage_training.ipynb",)
-}
+# Work in progress, skipped by name until it lands (add an entry, with what it waits for, while a notebook is redone):
+WAITING_FULL_RUN: dict[str, str] = {}  # notebooks whose committed outputs are not yet a full run
+WAITING_EXERCISES: dict[str, str] = {}  # chapters whose Exercises cell is appended after their final run
 
 
 def skip_if_waiting(path: Path, waiting: dict[str, str]) -> None:
