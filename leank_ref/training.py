@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from leank_ref.attention import SimulatedLeanK, use_hook
 from leank_ref.data import IGNORE_INDEX, TASKS, Example, make_example
+from leank_ref.layout import check_windows
 from leank_ref.masks import binarize, check_align, check_ratio, check_shape, mask_stats
 from leank_ref.models import cache_argument, model_facts
 
@@ -88,8 +89,7 @@ class TrainConfig:
                 raise ValueError("stage 2 needs ratio= (the share of K channels to prune, e.g. 0.7).")
             check_ratio(self.ratio)
         check_align(self.align, head_dim)
-        if self.sink < 0 or self.recent < 1:
-            raise ValueError(f"sink={self.sink} must be >= 0 and recent={self.recent} >= 1.")
+        check_windows(self.sink, self.recent)
         if not 0 < self.context_min <= self.context_max:
             raise ValueError(f"context_min={self.context_min} and context_max={self.context_max} need 0 < min <= max.")
         if self.variant not in STAGE2_VARIANTS:
