@@ -224,20 +224,14 @@ def capture_leank_step(model, cache, batch: int, position: int):
     The graph holds the whole model step (token write at the device-side length, attention, next token); between
     replays the cache does its host work (``begin_step``: a compaction once per ``block`` tokens; ``end_step``).
     """
-    from leank_ref.static_decode import _capture
+    from leank_ref.static_decode import _capture, greedy_step
 
-    key = cache_argument(model)
     device = model.device
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
     last = torch.empty(batch, model.config.vocab_size, device=device, dtype=model.dtype)
 
-    def step() -> None:
-        out = model(input_ids=token, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
-        last.copy_(out.logits[:, -1])
-        token.copy_(last.argmax(-1, keepdim=True))
-        pos.add_(1)
-
+    step = greedy_step(model, cache, token, pos, last)
     cache.driven = True  # this loop keeps the host counters: a replayed graph runs no Python
     replay = None
 

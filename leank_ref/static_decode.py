@@ -45,6 +45,23 @@ def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[]
 
 
 @torch.no_grad()
+def greedy_step(model, cache, token: torch.Tensor, position: torch.Tensor, last: torch.Tensor) -> Callable[[], None]:
+    """One greedy decode step on static buffers, updated in place (what a CUDA graph captures).
+
+    ``token`` [B, 1] is fed and replaced by the argmax, ``position`` [B, 1] advances by one, ``last`` [B, vocab]
+    receives the step's logits.
+    """
+    name = cache_argument(model)
+
+    def step() -> None:
+        out = model(input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1, **{name: cache})
+        last.copy_(out.logits[:, -1])
+        token.copy_(last.argmax(-1, keepdim=True))
+        position.add_(1)
+
+    return step
+
+
 def greedy_decode(
     model,
     input_ids: torch.Tensor,
@@ -80,12 +97,7 @@ def greedy_decode(
     last = logits.clone()
     new_tokens, new_logits = [token.clone()], [logits.clone()]
 
-    def step() -> None:
-        out = model(input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1, **{name: cache})
-        last.copy_(out.logits[:, -1])
-        token.copy_(last.argmax(-1, keepdim=True))
-        position.add_(1)
-
+    step = greedy_step(model, cache, token, position, last)
     cache.driven = True  # the loop keeps the host counters: a replayed graph runs no Python
     try:
         run = step
