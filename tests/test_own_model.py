@@ -123,8 +123,8 @@ class _Config:
 
 def test_chapter_07_runs_on_a_tiny_qwen2(tmp_path, monkeypatch):
     """Notebook 07 has nothing SmolLM2-specific: it runs top to bottom on another checkpoint (fast mode)."""
-    import nbformat
-    from nbclient import NotebookClient
+    nbformat = pytest.importorskip("nbformat", reason="needs the notebook extras (pip install -e '.[dev]')")
+    NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
     from leank_ref.scorecard import ROOT
 

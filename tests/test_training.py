@@ -241,13 +241,15 @@ def test_deployed_stage2_forward_equals_the_leank_cache_and_the_authors_one_does
 
 
 def test_short_deployed_stage2_run_changes_the_mask_and_lowers_the_deployed_loss(model, tokenizer):
+    # From random factors (a poor mask) six steps must cut the deployed loss by a wide margin. From the shipped
+    # stage-1 factors the change in six steps is a few percent, and its sign flipped between torch builds.
     config = TrainConfig.for_stage(2, steps=6, ratio=0.7, lr=0.02, **SHORT)
     assert config.variant == "deployed"  # the default
-    trainer = Trainer(model, tokenizer, config, load_factors(SHIPPED_FACTORS, SHAPE))
+    trainer = Trainer(model, tokenizer, config, random_factors(4))
     start = trainer.current_mask()
     result = trainer.run(progress=False)
 
     assert sum(rec["mask_changes"] for rec in result.log) > 0 and not torch.equal(result.mask, start)
     seen = [training_example(tokenizer, config, i) for i in range(config.steps)]  # the run's own examples
     losses = evaluate_scales(model, seen, {"start": start, "end": result.mask}, config, deployed=True)
-    assert sum(losses["end"]) < sum(losses["start"])
+    assert sum(losses["end"]) < 0.8 * sum(losses["start"])
