@@ -14,7 +14,7 @@ from leank_ref.cache import apply_leank, memory_formula
 from leank_ref.data import passkey_example
 from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats
 from leank_ref.models import default_model_path, load_model, model_facts
-from leank_ref.recipe import Recipe
+from leank_ref.scaling import Recipe
 from leank_ref.sparsity import capture_importance
 from leank_ref.training import load_factors
 
