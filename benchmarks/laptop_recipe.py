@@ -1,8 +1,8 @@
 """Time the laptop recipe (both stages, r = 0.5 and 0.7) on this CPU and compare its masks with the GPU's.
 
-Run from the repository root:
+Paths (``--out``, ``--masks``) are relative to the repository root, wherever it is run from:
 
-    python benchmarks/laptop_recipe.py                     # profile + the whole recipe (about 20-30 minutes)
+    python benchmarks/laptop_recipe.py                     # profile + the whole recipe (~6 min on 2 idle cores)
     python benchmarks/laptop_recipe.py --compare-only      # only the comparison, from masks already trained
     python benchmarks/laptop_recipe.py --fast --out build/laptop_fast.json --masks build/laptop_fast
 
@@ -284,8 +284,8 @@ def _sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/laptop_recipe.json"))
-    parser.add_argument("--masks", default=str(ROOT / "masks/laptop"), help="where the recipe writes its masks")
+    parser.add_argument("--out", default="benchmarks/results/laptop_recipe.json", help="relative to the root")
+    parser.add_argument("--masks", default="masks/laptop", help="where the recipe writes its masks")
     parser.add_argument("--fast", action="store_true", help="a few steps on short contexts (checks the script)")
     parser.add_argument("--compare-only", action="store_true", help="skip the profile and the training")
     parser.add_argument("--no-profile", action="store_true")
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="comparison samples per (task, text, length)")
     parser.add_argument("--workers", type=int, default=2, help="comparison processes (one thread each)")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # relative paths, and so the commands and metadata it records, are relative to the root
     out, masks = Path(args.out), Path(args.masks)
     result = json.loads(out.read_text()) if args.compare_only and out.exists() else {}
     result.update(
