@@ -206,23 +206,11 @@ def kernel_figure(rows: list[dict], source: str):
     """LeanK over the best SDPA backend per shape: kernel time (graph) and eager step, with the byte roofline."""
     fig, (ax_t, ax_h) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     x = torch.arange(len(rows)).float()
-    ax_t.plot(
-        x,
-        [r["kernel_speedup_graph"] for r in rows],
-        "o",
-        ms=8,
-        color="tab:green",
-        label="kernel time (CUDA graph of 32 layers)",
-    )
-    ax_t.plot(
-        x,
-        [r["kernel_speedup_eager"] for r in rows],
-        "s",
-        ms=7,
-        mfc="none",
-        color="tab:green",
-        label="eager step (host work included)",
-    )
+    for key, style, label in (
+        ("kernel_speedup_graph", dict(marker="o", ms=8), "kernel time (CUDA graph of 32 layers)"),
+        ("kernel_speedup_eager", dict(marker="s", ms=7, mfc="none"), "eager step (host work included)"),
+    ):
+        ax_t.plot(x, [r[key] for r in rows], ls="none", color="tab:green", label=label, **style)
     roof = [r.get("byte_roofline", float("nan")) for r in rows]
     ax_t.plot(x, roof, "k_", ms=18, mew=2, label="byte roofline")
     ax_t.axhline(1.0, color="tab:gray", lw=1, label="best SDPA backend")
