@@ -48,6 +48,7 @@ from leank_ref.kernels import (  # noqa: E402
 
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
+from leank_ref.static_decode import capture_graph  # noqa: E402
 
 
 def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dtype):
@@ -126,20 +127,6 @@ def time_step(fn, flush: torch.Tensor, reps: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "host_enqueue_ms": statistics.median(host)}
 
 
-def as_graph(fn):
-    """Capture fn in a CUDA graph after a warm-up on a side stream; return the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def kernel_profile(fn, steps: int = 3) -> dict:
     """GPU time per kernel name (us per step) and the GPU's busy share of the wall time, from torch.profiler."""
     import time
@@ -193,7 +180,7 @@ def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps:
             result["graph"][name] = {"error": "not run"}
             continue
         try:
-            result["graph"][name] = time_step(as_graph(fn), flush, reps)
+            result["graph"][name] = time_step(capture_graph(fn), flush, reps)
         except RuntimeError as e:  # a backend that cannot be captured
             result["graph"][name] = {"error": str(e).splitlines()[0][:200]}
         print(

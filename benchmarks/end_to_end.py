@@ -224,7 +224,7 @@ def capture_leank_step(model, cache, batch: int, position: int):
     The graph holds the whole model step (token write at the device-side length, attention, next token); between
     replays the cache does its host work (``begin_step``: a compaction once per ``block`` tokens; ``end_step``).
     """
-    from leank_ref.static_decode import _capture, greedy_step
+    from leank_ref.static_decode import capture_graph, greedy_step
 
     device = model.device
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -241,7 +241,7 @@ def capture_leank_step(model, cache, batch: int, position: int):
         cache.begin_step()
         if replay is None:  # on a CPU (the script's check) the same step runs eagerly
             state = [token, pos, last] + [layer.lengths for layer in cache.layers]
-            replay = _capture(step, state) if device.type == "cuda" else step
+            replay = capture_graph(step, state) if device.type == "cuda" else step
         replay()
         cache.end_step()
         return last

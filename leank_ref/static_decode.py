@@ -20,14 +20,14 @@ token, replayed from a graph on CUDA.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .models import cache_argument
 
 
-def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
+def capture_graph(step: Callable[[], None], state: Sequence[torch.Tensor] = ()) -> Callable[[], None]:
     """Warm ``step`` up on a side stream (then undo its effect on ``state``), capture it once; return the replay."""
     saved = [t.clone() for t in state]
     stream = torch.cuda.Stream()
@@ -104,7 +104,7 @@ def greedy_decode(
         for i in range(max_new_tokens - 1):
             cache.begin_step()
             if cuda_graph and i == 0:
-                run = _capture(step, [token, position, last] + [layer.lengths for layer in cache.layers])
+                run = capture_graph(step, [token, position, last] + [layer.lengths for layer in cache.layers])
             run()
             cache.end_step()
             new_tokens.append(token.clone())
