@@ -63,6 +63,7 @@ from leank_ref.cache import LeanKCache, memory_formula  # noqa: E402
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.models import cache_argument  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
+from leank_ref.windows import Windows
 
 LLAMA_31_8B = dict(
     vocab_size=128256,
@@ -316,7 +317,7 @@ def kv_bytes(model, mask: torch.Tensor | None, windows, batch: int, tokens: int)
     if mask is None:
         return 2 * batch * tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     sink, recent, block = windows
-    return memory_formula(mask, tokens, sink, recent, block, batch, 2).total
+    return memory_formula(mask, tokens, Windows(sink, recent, block), batch=batch, bytes_per_value=2).total
 
 
 def step_roofline(model, mask, windows, batch: int, tokens: int, copy_gbps: float | None) -> dict:

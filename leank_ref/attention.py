@@ -21,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from leank_ref.layout import check_windows
+from leank_ref.masks import zero_head_rule
 
 ATTN_NAME = "leank_ref"
 
@@ -139,17 +140,6 @@ def middle_key_mask(q_pos: torch.Tensor, n_keys: int, sink: int, recent: int, de
     j = torch.arange(n_keys, device=q_pos.device)
     t = q_pos[:, None]
     return (j[None, :] >= sink) & (j[None, :] <= t - recent) & (t >= decode_start)
-
-
-def zero_head_rule(mask: torch.Tensor, deployed: bool = True) -> torch.Tensor:
-    """Bool [..., G]: heads whose middle tokens are *excluded* (logit -inf), given a 0/1 mask [..., G, D].
-
-    Deployed meaning (this project's evaluation and cache): a head with zero kept channels stores no
-    middle K or V, so its middle tokens are skipped. The authors' training simulation instead lets them
-    through with logit 0; ``deployed=False`` gives that (no head excluded).
-    """
-    kept = mask.sum(-1)
-    return kept == 0 if deployed else torch.zeros_like(kept, dtype=torch.bool)
 
 
 class SimulatedLeanK:

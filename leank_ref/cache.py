@@ -55,13 +55,15 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import ATTN_NAME, zero_head_rule
+from .attention import ATTN_NAME
 from .decode import LeanKAttention
 from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows
-from .masks import check_align, kept_counts, validate_mask
+from .masks import check_align, validate_mask
+from .memory import MemoryReport
 from .models import cache_argument, check_supported, model_facts
+from .windows import middle_length
 
-__all__ = ["LeanKCache", "LeanKHandle", "MemoryReport", "apply_leank", "cache_argument", "memory_formula"]
+__all__ = ["LeanKCache", "LeanKHandle", "apply_leank", "cache_argument"]
 
 CACHE_ATTENTION = "leank_cache"  # the attention function one LeanK cache update routes its layer's call to
 ATTENTIONS = (None, "sdpa", "eager", ATTN_NAME)  # model attention settings whose masks the prefill path reads
@@ -94,16 +96,6 @@ def _cache_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 AttentionInterface.register(CACHE_ATTENTION, _cache_attention)
 AttentionMaskInterface.register(CACHE_ATTENTION, sdpa_mask)
-
-
-def middle_length(tokens: int, sink: int, recent: int, block: int) -> int:
-    """Tokens held in the middle store once ``tokens`` are cached: whole blocks leaving the recent window."""
-    return max(tokens - sink - recent, 0) // block * block
-
-
-def effective_recent(tokens: int, sink: int, recent: int, block: int) -> int:
-    """The recent window (full-K tokens after the sink) the newest of ``tokens`` cached tokens sees."""
-    return tokens - min(tokens, sink) - middle_length(tokens, sink, recent, block)
 
 
 class LeanKLayer(CacheLayerMixin):
@@ -374,63 +366,6 @@ class LeanKLayer(CacheLayerMixin):
         self.is_initialized = False
 
 
-@dataclass(frozen=True)
-class MemoryReport:
-    """Bytes of K and V in a LeanK cache (full window, middle store) beside a dense cache of the same length."""
-
-    tokens: int  # tokens cached per sequence
-    middle_tokens: int  # of which compacted into the middle store
-    full_k: int
-    full_v: int
-    middle_k: int
-    middle_v: int
-    dense_k: int  # a dense cache of `tokens` tokens
-    dense_v: int
-    dense_middle_k: int  # the dense cache's K (and V) for the middle tokens alone
-    dense_middle_v: int
-    allocated: int = field(
-        default=0, compare=False
-    )  # bytes of the buffers behind them (reserved, growth slack included)
-
-    @property
-    def k(self) -> int:
-        """LeanK K bytes (full window + middle)."""
-        return self.full_k + self.middle_k
-
-    @property
-    def v(self) -> int:
-        """LeanK V bytes (full window + middle)."""
-        return self.full_v + self.middle_v
-
-    @property
-    def total(self) -> int:
-        """LeanK K + V bytes."""
-        return self.k + self.v
-
-    @property
-    def dense_total(self) -> int:
-        """Dense K + V bytes."""
-        return self.dense_k + self.dense_v
-
-    @property
-    def k_saved(self) -> float:
-        """Share of the dense K bytes saved."""
-        return 1.0 - self.k / self.dense_k if self.dense_k else 0.0
-
-    @property
-    def v_saved(self) -> float:
-        """Share of the dense V bytes saved."""
-        return 1.0 - self.v / self.dense_v if self.dense_v else 0.0
-
-    def __str__(self) -> str:
-        mib = 2.0**20
-        return (
-            f"LeanK cache of {self.tokens} tokens ({self.middle_tokens} of them in the pruned middle store): "
-            f"K {self.k / mib:.2f} MiB + V {self.v / mib:.2f} MiB = {self.total / mib:.2f} MiB; a dense cache: "
-            f"{self.dense_total / mib:.2f} MiB (K {self.k_saved:.0%} smaller, V {self.v_saved:.0%} smaller)"
-        )
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -541,29 +476,6 @@ class LeanKCache(Cache):
             middle * per_token,
             allocated,
         )
-
-
-def memory_formula(
-    mask: torch.Tensor, tokens: int, sink: int, recent: int, block: int, batch: int = 1, bytes_per_value: int = 2
-) -> MemoryReport:
-    """The :class:`MemoryReport` a LeanK cache of ``tokens`` tokens would give, computed from the mask's counts alone.
-
-    Per layer: full window ``B*G*(tokens-Nm)*D`` values of K and of V; middle K ``B*Nm*sum(kept counts)``;
-    middle V ``B*Nm*D`` per head that keeps a channel. ``bytes_per_value``: 2 for bf16/fp16, 4 for fp32.
-    ``allocated`` is left at 0 (it depends on the buffers' growth, not on the mask).
-    """
-    check_windows(sink, recent, block)
-    mask = validate_mask(mask)
-    layers, g, d = mask.shape
-    counts = kept_counts(mask)  # [L, G]
-    middle = middle_length(tokens, sink, recent, block)
-    unit = batch * bytes_per_value
-    dense = layers * g * d * tokens * unit
-    dense_middle = layers * g * d * middle * unit
-    full = dense - dense_middle
-    middle_k = int(counts.sum()) * middle * unit
-    middle_v = int((~zero_head_rule(mask)).sum()) * d * middle * unit
-    return MemoryReport(tokens, middle, full, full, middle_k, middle_v, dense, dense, dense_middle, dense_middle)
 
 
 _ACTIVE: weakref.WeakKeyDictionary[object, list[LeanKHandle]] = weakref.WeakKeyDictionary()  # model -> handles

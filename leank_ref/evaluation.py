@@ -66,9 +66,11 @@ from leank_ref.baselines import (
     uniform_counts,
 )
 from leank_ref.data import SOURCES, Example, make_example
-from leank_ref.masks import kept_counts, load_mask, mask_stats, top_count_mask
+from leank_ref.masks import kept_counts, load_mask, top_count_mask
+from leank_ref.memory import mask_stats
 from leank_ref.models import model_facts
 from leank_ref.stats import compare_all, headline, summarize
+from leank_ref.windows import Windows
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 SCAN_FILE = "passkey_dense_scan.json"
@@ -388,7 +390,9 @@ def config_memory(configs: list[Config], model, grid: EvalGrid, context: int) ->
     out = []
     for c in configs:
         counts = torch.full(shape[:2], shape[2]) if c.counts is None else c.counts
-        stats = mask_stats(top_count_mask(torch.zeros(shape), counts), context, grid.sink, grid.recent)
+        stats = mask_stats(
+            top_count_mask(torch.zeros(shape), counts), context, Windows(grid.sink, grid.recent, grid.block)
+        )
         out.append(
             {
                 "method": c.method,

@@ -7,7 +7,6 @@ A mask is a float32 tensor [L, G, D] of 0.0/1.0 (1 = keep that K channel for mid
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,39 +130,12 @@ def load_mask(
     return validate_mask(obj, shape, align)
 
 
-@dataclass
-class MaskStats:
-    """What a mask saves, for one sink/recent setting and context length."""
+def zero_head_rule(mask: torch.Tensor, deployed: bool = True) -> torch.Tensor:
+    """Bool [..., G]: heads whose middle tokens are *excluded* (logit -inf), given a 0/1 mask [..., G, D].
 
-    pruned_ratio: float  # share of all K channels pruned (middle tokens)
-    count_histogram: dict[int, int]  # kept count -> number of heads
-    zero_heads: int  # heads with no kept channel: their middle V is dropped too
-    num_heads: int
-    sink: int
-    recent: int
-    context: int
-    k_saved: float  # share of the whole K cache saved at this context
-    v_saved: float  # share of the whole V cache saved at this context
-
-
-def mask_stats(mask: torch.Tensor, context: int, sink: int, recent: int) -> MaskStats:
-    """Pruned ratio, per-head count histogram, zero-count heads and K/V cache savings at ``context`` tokens."""
-    mask = validate_mask(mask)
-    counts = kept_counts(mask)
-    d = mask.shape[-1]
-    middle = max(context - sink - recent, 0)
-    share_middle = middle / context if context > 0 else 0.0
-    pruned = 1.0 - counts.sum().item() / counts.numel() / d
-    zero = int((counts == 0).sum())
-    values, freq = torch.unique(counts, return_counts=True)
-    return MaskStats(
-        pruned_ratio=pruned,
-        count_histogram={int(v): int(f) for v, f in zip(values, freq)},
-        zero_heads=zero,
-        num_heads=counts.numel(),
-        sink=sink,
-        recent=recent,
-        context=context,
-        k_saved=pruned * share_middle,
-        v_saved=zero / counts.numel() * share_middle,
-    )
+    Deployed meaning (this project's evaluation and cache): a head with zero kept channels stores no
+    middle K or V, so its middle tokens are skipped. The authors' training simulation instead lets them
+    through with logit 0; ``deployed=False`` gives that (no head excluded).
+    """
+    kept = mask.sum(-1)
+    return kept == 0 if deployed else torch.zeros_like(kept, dtype=torch.bool)

@@ -81,21 +81,22 @@ MEMORY_SETTINGS = (
 def memory_rows(root: Path) -> list[Row]:
     """K and V saved by a LeanK cache holding a mask file's kept channels, against a dense cache of the same length.
 
-    The bytes come from the mask's per-head counts (:func:`leank_ref.cache.memory_formula`), which equal the bytes
+    The bytes come from the mask's per-head counts (:func:`leank_ref.memory.memory_formula`), which equal the bytes
     a :class:`~leank_ref.cache.LeanKCache` holds after generation (checked in ``tests/test_cache.py``).
     """
-    from leank_ref.cache import memory_formula
     from leank_ref.masks import load_mask
+    from leank_ref.memory import memory_formula
+    from leank_ref.windows import Windows
 
     rows = []
     for label, name, align, tokens, sink, recent, block in MEMORY_SETTINGS:
-        source = f"masks/{name} -> cache.memory_formula"
+        source = f"masks/{name} -> memory.memory_formula"
         try:
             mask = load_mask(root / "masks" / name, align=align)
         except (OSError, ValueError) as e:
             rows.extend(_missing(claim, paper, source, type(e).__name__) for claim, paper, *_ in MEMORY_CLAIMS)
             continue
-        report = memory_formula(mask, tokens, sink, recent, block)
+        report = memory_formula(mask, tokens, Windows(sink, recent, block))
         setting = (
             f"{label} ({1 - float(mask.mean()):.1%} of K channels pruned), {tokens // 1024}K tokens, "
             f"sink {sink} / recent {recent}"

@@ -37,8 +37,10 @@ from transformers import DynamicCache
 from leank_ref.attention import SimulatedLeanK, use_hook
 from leank_ref.data import IGNORE_INDEX, TASKS, Example, make_example
 from leank_ref.layout import check_windows
-from leank_ref.masks import binarize, check_align, check_ratio, check_shape, mask_stats
+from leank_ref.masks import binarize, check_align, check_ratio, check_shape
+from leank_ref.memory import mask_stats
 from leank_ref.models import cache_argument, model_facts
+from leank_ref.windows import Windows
 
 CHECKPOINT_FORMAT = "leank_ref.training/1"
 LOW_FACTOR = 0.1  # the log reports the share of factors below this
@@ -648,7 +650,7 @@ def run_command(args) -> int:
         "recipe": None if preset is None else preset.as_dict(),
     }
     if config.stage == 2:
-        stats = mask_stats(result.mask, config.context_max, config.sink, config.recent)
+        stats = mask_stats(result.mask, config.context_max, Windows(config.sink, config.recent, 1))
         meta["stage2_variant"] = config.variant
         meta["mask"] = {
             "target_ratio": config.ratio,

@@ -10,9 +10,9 @@ from leank_ref.attention import (
     SimulatedLeanKRows,
     middle_key_mask,
     use_hook,
-    zero_head_rule,
 )
 from leank_ref.data import continuation_example
+from leank_ref.masks import zero_head_rule
 from leank_ref.models import model_facts
 
 CONTEXT, ANSWER, SINK, RECENT = 160, 32, 4, 16

@@ -10,11 +10,13 @@ import torch
 from transformers import LlamaConfig
 
 from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.cache import LeanKCache, apply_leank, memory_formula
+from leank_ref.cache import LeanKCache, apply_leank
 from leank_ref.data import continuation_example
 from leank_ref.decode import LeanKAttention, leank_decode_torch, triton_available
 from leank_ref.masks import binarize, kept_counts, load_mask
+from leank_ref.memory import memory_formula
 from leank_ref.models import cache_argument
+from leank_ref.windows import Windows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "masks" / "smollm2-135m_r0.7.pth"
@@ -131,7 +133,7 @@ def test_every_decode_step_equals_simulated_leank(model, tokenizer, mask_name, p
     assert compactions >= 3
     n = prompt_len + steps - 1
     assert cache.layers[0].middle == max(n - SINK - effective_recent(n), 0)
-    assert cache.memory_report() == memory_formula(mask, n, SINK, RECENT, BLOCK, bytes_per_value=4)
+    assert cache.memory_report() == memory_formula(mask, n, Windows(SINK, RECENT, BLOCK), bytes_per_value=4)
 
 
 def test_block_one_logits_equal_simulation_end_to_end(model, tokenizer):
@@ -195,7 +197,7 @@ def test_memory_report_equals_formula_for_the_authors_llama_mask():
     for tokens in (40, 300):
         cache = filled_cache(mask, tokens, torch.bfloat16, batch=2, sink=16, recent=64, block=32)
         rep = cache.memory_report()
-        assert rep == memory_formula(mask, tokens, 16, 64, 32, batch=2, bytes_per_value=2)
+        assert rep == memory_formula(mask, tokens, Windows(16, 64, 32), batch=2, bytes_per_value=2)
     assert rep.middle_k / rep.dense_middle_k == pytest.approx(mask.mean().item())
     assert rep.middle_v / rep.dense_middle_v == pytest.approx((kept_counts(mask) > 0).float().mean().item())
 
@@ -204,7 +206,7 @@ def test_r07_mask_at_2k_keeps_at_most_035_of_middle_k():
     mask = load_mask(SHIPPED, (30, 3, 64), 16) if SHIPPED.exists() else r07_test_mask()
     rep = filled_cache(mask, 2048, torch.float32, sink=16, recent=64, block=32).memory_report()
     assert rep.middle_tokens == (2048 - 16 - 64) // 32 * 32
-    assert rep == memory_formula(mask, 2048, 16, 64, 32, bytes_per_value=4)
+    assert rep == memory_formula(mask, 2048, Windows(16, 64, 32), bytes_per_value=4)
     assert rep.middle_k <= 0.35 * rep.dense_middle_k
     assert rep.total < rep.dense_total
 

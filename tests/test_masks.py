@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats, save_mask, top_count_mask, validate_mask
+from leank_ref.masks import binarize, kept_counts, load_mask, save_mask, top_count_mask, validate_mask
+from leank_ref.memory import mask_stats
+from leank_ref.windows import Windows
 
 REFERENCE = Path(__file__).resolve().parent.parent / "masks" / "reference"
 RELEASED = {
@@ -91,7 +93,7 @@ def test_binarize_ratio_07_align_2():
         ]
     ).float()
     assert torch.equal(mask, expected)
-    assert mask_stats(mask, context=100, sink=0, recent=0).pruned_ratio == pytest.approx(26 / 40)
+    assert mask_stats(mask, 100, Windows(0, 1, 1)).pruned_ratio == pytest.approx(26 / 40)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -99,7 +101,7 @@ def test_released_masks_round_trip(name, tmp_path):
     shape, histogram = RELEASED[name]
     mask = load_mask(REFERENCE / name, shape=shape, align=32)
     assert mask.dtype == torch.float32 and tuple(mask.shape) == shape
-    stats = mask_stats(mask, context=8192, sink=128, recent=768)
+    stats = mask_stats(mask, 8192, Windows(128, 768, 128))
     assert stats.count_histogram == histogram
     assert stats.zero_heads == histogram[0]
     save_mask(mask, tmp_path / "sub" / name)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from leank_ref.__main__ import main
-from leank_ref.cache import apply_leank, memory_formula
+from leank_ref.cache import apply_leank
 from leank_ref.data import passkey_example
-from leank_ref.masks import binarize, kept_counts, load_mask, mask_stats
+from leank_ref.masks import binarize, kept_counts, load_mask
+from leank_ref.memory import mask_stats, memory_formula
 from leank_ref.models import default_model_path, load_model, model_facts
 from leank_ref.scaling import Recipe
 from leank_ref.sparsity import capture_importance
@@ -92,7 +93,7 @@ def test_own_model_end_to_end(tiny_model_dir, tmp_path):
 
     # Binarize: counts are multiples of align and about `ratio` of the channels are pruned.
     assert bool((kept_counts(mask) % recipe.align == 0).all())
-    realised = mask_stats(mask, 1024, recipe.sink, recipe.recent).pruned_ratio
+    realised = mask_stats(mask, 1024, recipe.windows).pruned_ratio
     assert abs(realised - recipe.ratio) <= recipe.align / facts.head_dim
     assert binarize(factors, recipe.ratio, recipe.align).shape == mask.shape
 
@@ -108,7 +109,7 @@ def test_own_model_end_to_end(tiny_model_dir, tmp_path):
 
     # Memory: the cache holds what the mask's counts predict, and saves K.
     tokens = prompt.numel() + new - 1  # the last generated token is never cached
-    expected = memory_formula(mask, tokens, recipe.sink, recipe.recent, recipe.block, bytes_per_value=4)
+    expected = memory_formula(mask, tokens, recipe.windows, bytes_per_value=4)
     assert (report.tokens, report.k, report.v) == (expected.tokens, expected.k, expected.v)
     assert report.middle_tokens > 0 and report.k_saved > 0.2
 
