@@ -43,7 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from leank_ref.layout import MIN_KEPT, HeadGroups, MiddleGroup  # the layout the cache stores; re-exported here
+from leank_ref.layout import (  # the layout the cache stores; re-exported here
+    MIN_KEPT,
+    HeadGroups,
+    MiddleGroup,
+    gather_kept,
+)
 
 from .decode_dense import (
     LOG2E,
@@ -989,9 +994,8 @@ def leank_layout_from_dense(
     groups = []
     for heads, channels in zip(layout.kv_heads, layout.channels):
         heads, channels = heads.to(k.device), channels.to(k.device)  # [Gc], [Gc, c]
-        index = channels[None, :, None, :].expand(B, len(heads), n_mid, channels.shape[1])
-        k_mid = torch.gather(k[:, heads, mid], 3, index)
-        groups.append(MiddleGroup(heads, channels, k_mid.contiguous(), v[:, heads, mid].contiguous()))
+        k_mid, v_mid = gather_kept(k[:, :, mid], v[:, :, mid], heads, channels)
+        groups.append(MiddleGroup(heads, channels, k_mid.contiguous(), v_mid.contiguous()))
     return k_full, v_full, groups
 
 

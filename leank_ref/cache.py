@@ -57,7 +57,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import ATTN_NAME
 from .decode import LeanKAttention
-from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows
+from .layout import MIN_KEPT, HeadGroups, MiddleGroup, check_windows, gather_kept
 from .masks import check_align, validate_mask
 from .memory import MemoryReport
 from .models import cache_argument, check_supported, model_facts
@@ -192,9 +192,7 @@ class LeanKLayer(CacheLayerMixin):
         n, m = k.shape[2], self.middle
         self._reserve_middle(m + n)
         for heads, channels, mk, mv in zip(self._heads, self._channels, self._mid_k, self._mid_v):
-            index = channels[None, :, None, :].expand(k.shape[0], -1, n, -1)  # [B, Gc, n, c]
-            mk[:, :, m : m + n] = torch.gather(k.index_select(1, heads), -1, index)
-            mv[:, :, m : m + n] = v.index_select(1, heads)
+            mk[:, :, m : m + n], mv[:, :, m : m + n] = gather_kept(k, v, heads, channels)
         self.middle += n
 
     # -- the Cache protocol ---------------------------------------------------------------------------

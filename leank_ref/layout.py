@@ -107,6 +107,19 @@ class HeadGroups:
                 raise ValueError(f"groups[{i}].channels repeat a channel within a head")
 
 
+def gather_kept(
+    k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, channels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compact middle layout of one group: k, v [B, G, n, D] -> k [B, Gc, n, c] (kept channels), v [B, Gc, n, D].
+
+    ``heads`` [Gc] and ``channels`` [Gc, c] (on k's device) are one group of :class:`HeadGroups`. This is the one
+    gather of the project: the cache's compaction and the kernels' test layouts both call it.
+    """
+    b, _, n, _ = k.shape
+    index = channels[None, :, None, :].expand(b, heads.numel(), n, channels.shape[1])  # [B, Gc, n, c]
+    return torch.gather(k.index_select(1, heads), -1, index), v.index_select(1, heads)
+
+
 MIN_KEPT = 16  # kept counts of a middle group are multiples of this: the Triton kernel's tl.dot needs >= 16 channels
 
 
