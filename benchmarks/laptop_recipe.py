@@ -14,7 +14,7 @@ Paths (``--out``, ``--masks``) are relative to the repository root, wherever it 
    the machine's load average is sampled every 5 s while they run (other people's jobs on a shared machine
    inflate every timing: the load says by how much).
 3. **The comparison.** The laptop masks against the shipped GPU masks at the same ratio, on the evaluation's
-   held-out samples (:func:`leank_ref.evaluation.evaluate_sample`, deployed meaning: a zero-count head skips its
+   held-out samples (:func:`leank_ref.evaluate.sample.evaluate_sample`, deployed meaning: a zero-count head skips its
    middle tokens): per sample the KL to dense and the needle log-likelihood, and the paired bootstrap interval
    of the laptop-minus-GPU difference (:func:`leank_ref.stats.paired_bootstrap`).
 
@@ -211,7 +211,9 @@ def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: 
     log-likelihood (laptop minus GPU; < 0: the laptop mask is less sure of the needle).
     """
     from leank_ref.baselines import Dense, LeanKLearned, learned_mask_path
-    from leank_ref.evaluation import Config, EvalGrid, evaluate_specs, tiny_grid
+    from leank_ref.evaluate.configs import Config
+    from leank_ref.evaluate.grid import EvalGrid, tiny_grid
+    from leank_ref.evaluate.run import evaluate_specs
     from leank_ref.masks import kept_counts, load_mask
     from leank_ref.models import load_model, model_facts
     from leank_ref.stats import compare

@@ -1,39 +1,60 @@
 """The command line: ``python -m leank_ref <command> ...`` (``leank-ref`` once installed).
 
-Each command lives in the module that does the work; that module defines ``add_arguments(parser)`` and
-``run_command(args) -> int``. Adding a command is an import and one line in :data:`COMMANDS`.
+Each command's options and entry point live in a module of their own, above the code they drive; that module
+defines ``add_arguments(parser)`` and ``run_command(args) -> int``. This dispatcher only names them: it imports the
+one module of the command asked for, so ``--help`` and every command start without loading the others (or torch).
+Adding a command is one line in ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from types import ModuleType
 
-from leank_ref import evaluation, scorecard, training
-
-COMMANDS: dict[str, ModuleType] = {  # command -> module defining add_arguments(parser) and run_command(args)
-    "train": training,
-    "evaluate": evaluation,
-    "scorecard": scorecard,
+COMMANDS: dict[str, tuple[str, str]] = {  # command -> (module with add_arguments and run_command, one-line summary)
+    "train": ("leank_ref.train.cli", "Train stage 1 (channel factors) or stage 2 (a binary mask) on the model."),
+    "evaluate": (
+        "leank_ref.evaluate.cli",
+        "Every channel selector at every pruning ratio, paired against dense, on held-in and held-out text.",
+    ),
+    "scorecard": (
+        "leank_ref.scorecard.cli",
+        "The paper's claims beside the numbers measured here, read from a checkout's result files.",
+    ),
 }
+FALLBACK = {"leank_ref.train.cli": "leank_ref.training"}  # where a command lived before its module moved
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
+def command_module(name: str):
+    """Import the module of command ``name`` (see ``COMMANDS``)."""
+    path = COMMANDS[name][0]
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:  # only the command's own module missing falls back; a missing dependency raises
+        if path not in FALLBACK or e.name is None or not path.startswith(e.name):
+            raise
+        return importlib.import_module(FALLBACK[path])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser, one subparser per command; only ``command``'s options are loaded (its module imported)."""
     parser = argparse.ArgumentParser(prog="python -m leank_ref", description="LeanK reference implementation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
-        summary = (module.run_command.__doc__ or "").strip().splitlines()[0]
-        command = sub.add_parser(name, help=summary, description=summary)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run_command)
+    for name, (_, summary) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            module = command_module(name)
+            module.add_arguments(subparser)
+            subparser.set_defaults(run=module.run_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the process arguments) and run the chosen command."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     return args.run(args)
 
 

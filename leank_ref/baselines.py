@@ -31,21 +31,46 @@ import torch
 from leank_ref.attention import QKCapture, capture_prefill
 from leank_ref.data import continuation_example
 from leank_ref.masks import check_align, check_ratio, kept_counts, load_mask, top_count_mask
+from leank_ref.models import masks_dir as shipped_masks_dir
 from leank_ref.models import model_facts
 from leank_ref.sparsity import capture_importance, rope_frequencies
+from leank_ref.windows import SMOLLM2, Windows
 
-MASKS_DIR = Path(__file__).resolve().parent.parent / "masks"
-STAGE1_FACTORS = "smollm2-135m_stage1_factors.pth"  # in MASKS_DIR
+MODEL_TAG = "smollm2-135m"  # file-name prefix of the shipped SmolLM2 masks
+WINDOWED_MASKS = "paper"  # sub-folder of the masks trained for other windows than SmolLM2's defaults
 CALIBRATION_SEED_BASE = 20_000  # static-importance calibration prompts; evaluation uses 10_000-19_999
 
 
+def mask_stem(windows: Windows = SMOLLM2, model_tag: str = MODEL_TAG) -> str:
+    """Path of a mask file without its ending, relative to the masks folder, for masks deployed with ``windows``:
+    ``smollm2-135m`` for the default windows (16 / 64), ``paper/smollm2-135m_w128-768`` for sink 128 / recent 768.
+    """
+    if windows == SMOLLM2:
+        return model_tag
+    return f"{WINDOWED_MASKS}/{model_tag}_w{windows.sink}-{windows.recent}"
+
+
 def learned_mask_path(
-    ratio: float, masks_dir: str | Path = MASKS_DIR, model_tag: str = "smollm2-135m", variant: str = ""
+    ratio: float,
+    masks_dir: str | Path | None = None,
+    model_tag: str = MODEL_TAG,
+    variant: str = "",
+    windows: Windows = SMOLLM2,
 ) -> Path:
-    """Where the shipped LeanK mask for ``ratio`` lives: ``masks/<model_tag>_r<ratio>.pth`` (the default,
-    deploy-exact stage 2), or ``masks/<model_tag>_r<ratio>_<variant>.pth`` (e.g. ``variant="authors"``)."""
+    """Where the LeanK mask for ``ratio`` lives: ``<masks_dir>/<stem>_r<ratio>.pth`` (the default, deploy-exact
+    stage 2) or ``<stem>_r<ratio>_<variant>.pth`` (e.g. ``variant="authors"``); ``stem`` from :func:`mask_stem`.
+    ``masks_dir`` defaults to the shipped masks (:func:`leank_ref.models.masks_dir`)."""
     suffix = f"_{variant}" if variant else ""
-    return Path(masks_dir) / f"{model_tag}_r{float(ratio):g}{suffix}.pth"
+    folder = shipped_masks_dir() if masks_dir is None else Path(masks_dir)
+    return folder / f"{mask_stem(windows, model_tag)}_r{float(ratio):g}{suffix}.pth"
+
+
+def stage1_factors_path(
+    masks_dir: str | Path | None = None, model_tag: str = MODEL_TAG, windows: Windows = SMOLLM2
+) -> Path:
+    """Where the stage-1 factors for ``windows`` live: ``<masks_dir>/<stem>_stage1_factors.pth``."""
+    folder = shipped_masks_dir() if masks_dir is None else Path(masks_dir)
+    return folder / f"{mask_stem(windows, model_tag)}_stage1_factors.pth"
 
 
 def uniform_counts(shape: tuple[int, int, int], ratio: float, align: int) -> torch.Tensor:
@@ -133,9 +158,10 @@ class LeanKLearned(Selector):
     name: ClassVar[str] = "leank"
 
     @classmethod
-    def for_ratio(cls, ratio: float, masks_dir: str | Path = MASKS_DIR) -> LeanKLearned:
-        """The shipped mask for ``ratio``; FileNotFoundError names the training command if it is missing."""
-        path = learned_mask_path(ratio, masks_dir)
+    def for_ratio(cls, ratio: float, masks_dir: str | Path | None = None, windows: Windows = SMOLLM2) -> LeanKLearned:
+        """The mask for ``ratio`` (and ``windows``) from ``masks_dir`` (default: the shipped masks, found by
+        :func:`leank_ref.models.masks_dir`); FileNotFoundError names the training command if it is missing."""
+        path = learned_mask_path(ratio, masks_dir, windows=windows)
         if not path.exists():
             raise FileNotFoundError(
                 f"no learned mask at {path}: train it first (python -m leank_ref train --ratio {ratio})."
@@ -284,13 +310,16 @@ class LeanKFactors(Selector):
         return self.factors
 
 
-def equal_budget(model, ratio: float, align: int, masks_dir: str | Path = MASKS_DIR) -> tuple[torch.Tensor, str]:
+def equal_budget(
+    model, ratio: float, align: int, masks_dir: str | Path | None = None, windows: Windows = SMOLLM2
+) -> tuple[torch.Tensor, str]:
     """The per-head budget every method gets at ``ratio``: (int [L, G] counts, source "leank" or "uniform").
 
-    The shipped LeanK mask's own per-head counts when it exists, else :func:`uniform_counts` (module docstring).
+    The LeanK mask's own per-head counts when a mask for ``ratio`` and ``windows`` exists, else
+    :func:`uniform_counts` (module docstring).
     """
     shape = model_facts(model).mask_shape
-    path = learned_mask_path(ratio, masks_dir)
+    path = learned_mask_path(ratio, masks_dir, windows=windows)
     if path.exists():
         return kept_counts(load_mask(path, shape, align)), "leank"
     return uniform_counts(shape, ratio, align), "uniform"

@@ -1,8 +1,9 @@
 """Byte models, result-file readers and figures for the decoding-speed chapter (notebook 05 and its appendix).
 
 The notebooks call these so that their cells stay short; every number drawn here is read from the committed
-result files (``benchmarks/results/decode_profile.json``, ``decode_kernels.json``, ``end_to_end.json``) or
-computed from the mask.
+result files of a checkout (``benchmarks/results/decode_profile.json``, ``decode_kernels.json``,
+``end_to_end.json``; the checkout is found from the working directory, :func:`leank_ref.checkout.find_checkout`)
+or computed from the mask.
 
 Which number is which:
 
@@ -23,7 +24,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+from leank_ref.checkout import find_checkout
+from leank_ref.masks import top_count_mask
+from leank_ref.memory import memory_formula
+from leank_ref.windows import Windows
+
 PAPER = {"attention kernel": 1.3, "decoding": 1.45}  # Zhang et al. (EMNLP 2025), abstract and section 5
 E2E_MODES = {
     "dense_eager": ("dense, eager (SDPA flash)", "#9e9e9e"),
@@ -36,9 +41,10 @@ E2E_MODES = {
 }
 
 
-def load_result(name: str) -> dict | None:
-    """A committed result file of ``benchmarks/results`` (``None`` when it is not there yet)."""
-    path = RESULTS / f"{name}.json"
+def load_result(name: str, root: str | Path | None = None) -> dict | None:
+    """A committed result file ``benchmarks/results/<name>.json`` of the checkout ``root`` (default: the one at or
+    above the working directory); ``None`` when it is not there yet."""
+    path = (find_checkout() if root is None else Path(root)) / "benchmarks" / "results" / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -57,18 +63,16 @@ def attention_step_bytes(
 ) -> tuple[int, int]:
     """Bytes (bf16) one decoding step's attention must move over all layers: (dense, LeanK); counts [L, G].
 
-    Dense reads K and V of every token; LeanK reads the full window (sink + recent) at full width and, per middle
-    token, ``c + D`` values per KV head that keeps ``c > 0`` channels (none for ``c = 0``). Both read the query and
-    write the output.
+    Both read the query and write the output, and read the cache: dense every token's K and V, LeanK what its
+    cache holds (:func:`leank_ref.memory.memory_formula`: the full window at full width and, per middle token,
+    ``c + D`` values per KV head that keeps ``c > 0`` channels, none for ``c = 0``). The benchmarks lay every token
+    past ``sink + recent`` out in the middle, i.e. block 1.
     """
     layers, kv_heads = counts.shape
-    d = head_dim
-    n_mid = max(0, tokens - sink - recent)
-    q_and_out = 2 * batch * num_heads * d
-    dense = layers * (q_and_out + 2 * batch * kv_heads * tokens * d)
-    middle_per_token = int(torch.where(counts > 0, counts + d, 0).sum())
-    leank = layers * (q_and_out + 2 * batch * kv_heads * (tokens - n_mid) * d) + batch * n_mid * middle_per_token
-    return 2 * dense, 2 * leank
+    q_and_out = 2 * 2 * batch * num_heads * head_dim * layers  # bytes: the query in, the output out, per layer
+    mask = top_count_mask(torch.zeros(layers, kv_heads, head_dim), counts)  # [L, G, D] with these counts
+    cache = memory_formula(mask, tokens, Windows(sink, recent, 1), batch=batch, bytes_per_value=2)
+    return q_and_out + cache.dense_total, q_and_out + cache.total
 
 
 # ---------------------------------------------------------------------------------------------

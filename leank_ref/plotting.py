@@ -1,4 +1,4 @@
-"""One figure style for every notebook, and the single place figures are written (``figures/``).
+"""One figure style for every notebook, and the single place figures are written (``figures/`` of the checkout).
 
 Imported inside a Jupyter kernel, this module switches matplotlib to the inline backend, so every figure shows
 in the notebook's saved outputs even when the environment sets ``MPLBACKEND=Agg`` (CI does, and a kernel
@@ -53,9 +53,11 @@ def is_fast() -> bool:
 
 
 def figures_dir() -> Path:
-    """The repository's ``figures/`` folder (``$LEANK_FIGURES`` overrides it)."""
-    default = Path(__file__).resolve().parent.parent / "figures"
-    return Path(os.environ.get("LEANK_FIGURES", default))
+    """``$LEANK_FIGURES`` when set, else ``figures/`` of the checkout at or above the working directory
+    (:func:`leank_ref.checkout.find_checkout`; the working directory itself outside a checkout)."""
+    from leank_ref.checkout import find_checkout
+
+    return Path(os.environ.get("LEANK_FIGURES") or find_checkout() / "figures")
 
 
 def save_figure(fig, name: str) -> Path:

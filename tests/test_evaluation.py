@@ -12,16 +12,13 @@ from leank_ref.attention import SimulatedLeanK, capture_prefill, use_hook
 from leank_ref.baselines import learned_mask_path, uniform_counts
 from leank_ref.cache import apply_leank
 from leank_ref.data import continuation_example, make_example
-from leank_ref.evaluation import (
-    EvalGrid,
-    answer_metrics,
-    generate_rows,
-    needle_positions,
-    read_rows,
-    teacher_forced_logprobs,
-)
+from leank_ref.evaluate.grid import EvalGrid
+from leank_ref.evaluate.metrics import answer_metrics, needle_positions
+from leank_ref.evaluate.report import read_rows
+from leank_ref.evaluate.sample import generate_rows, teacher_forced_logprobs
 from leank_ref.masks import binarize, kept_counts, save_mask, top_count_mask
 from leank_ref.stats import compare_all, headline
+from leank_ref.windows import Windows
 
 SHAPE, ALIGN = (30, 3, 64), 16
 
@@ -40,7 +37,7 @@ def test_batched_rows_equal_simulated_leank_row_by_row(model, tokenizer):
     sink, recent, p = 4, 16, 120
     ex = continuation_example(tokenizer, p, answer_length=12, seed=3)
     masks = three_masks()
-    grid = EvalGrid(sink=sink, recent=recent)
+    grid = EvalGrid(windows=Windows(sink, recent, 1))
     capture, last = capture_prefill(model, ex.context_ids, values=True)
     logprobs = teacher_forced_logprobs(model, capture, ex.input_ids[p:], masks, grid)  # [3, 11, V]
     with torch.no_grad():
@@ -62,7 +59,9 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
         capture, last = capture_prefill(model, ex.context_ids, values=True)
         sim = generate_rows(model, capture, int(last[0].argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
-            with apply_leank(model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch"):
+            with apply_leank(
+                model, mask, sink=grid.windows.sink, recent=grid.windows.recent, block=1, align=ALIGN, backend="torch"
+            ):
                 out = model.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # a LeanK cache
             real_ids = out[0, ex.length_context :].tolist()
             assert real_ids == sim_ids[: len(real_ids)]

@@ -1,11 +1,13 @@
 """A regular (not editable) install works like a library: the wheel carries the package, its kernels and the shipped
-masks, and an installed copy, imported away from the checkout, finds and loads those masks."""
+masks, and an installed copy, run away from the checkout, finds and loads those masks, evaluates into the folder it
+is given, and builds the scorecard of a checkout named by --root."""
 
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -52,9 +54,10 @@ def test_requires_python_matches_the_readme():
     assert sys.version_info >= (3, 11)
 
 
-def test_installed_wheel_finds_its_masks(wheel, tmp_path):
-    """Install into a fresh venv (dependencies borrowed from this environment by a path file) and load the masks."""
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def venv_python(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel installed (dependencies borrowed from this environment by a path file)."""
+    venv = tmp_path_factory.mktemp("venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = Path(
@@ -67,11 +70,23 @@ def test_installed_wheel_finds_its_masks(wheel, tmp_path):
         check=True,
         capture_output=True,
     )
+    return python
+
+
+def run_installed(python: Path, args: list[str], cwd: Path) -> str:
+    """Run the installed copy in ``cwd`` (away from the checkout); its stdout."""
+    done = subprocess.run([python, *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_installed_wheel_finds_its_masks(venv_python, tmp_path):
     check = textwrap.dedent(
         """
         from pathlib import Path
         import leank_ref
         from leank_ref import masks_dir, shipped_mask
+        from leank_ref.baselines import LeanKLearned
         from leank_ref.cache import LeanKCache
         from leank_ref.models import shipped_mask_path
         assert Path(leank_ref.__file__).parent == masks_dir().parent, (leank_ref.__file__, masks_dir())
@@ -79,9 +94,61 @@ def test_installed_wheel_finds_its_masks(wheel, tmp_path):
         llama = shipped_mask("reference/llama3.1-8b-instruct")
         print(tuple(shipped_mask("smollm2-135m_r0.7").shape), tuple(llama.shape))
         print(shipped_mask_path("smollm2-135m_r0.5").name)
+        print(LeanKLearned.for_ratio(0.7).path)
         """
     )
-    out = subprocess.run([python, "-c", check], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-    where, shapes, name = out.strip().splitlines()
-    assert Path(where).is_relative_to(venv) and Path(where).name == "_masks"
+    where, shapes, name, learned = run_installed(venv_python, ["-c", check], tmp_path).strip().splitlines()
+    assert Path(where).is_relative_to(venv_python.parent.parent) and Path(where).name == "_masks"
     assert shapes == "(30, 3, 64) (32, 8, 128)" and name == "smollm2-135m_r0.5.pth"
+    assert Path(learned) == Path(where) / "smollm2-135m_r0.7.pth"
+
+
+def test_installed_evaluate_writes_under_out(venv_python, tmp_path):
+    """The smallest grid that writes every result file, run from an empty folder: files go under --out only."""
+    begun = time.perf_counter()
+    args = ["-m", "leank_ref", "evaluate", "--tiny", "--method", "leank", "random", "--ratio", "0.7"]
+    args += ["--source", "stdlib", "--greedy-lengths", "--out", "out", "--no-progress"]
+    printed = run_installed(venv_python, args, tmp_path)
+    print(f"evaluate --tiny from the wheel: {time.perf_counter() - begun:.0f} s")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out",
+        "out/eval.json",
+        "out/eval_samples.csv",
+        "out/eval_summary.csv",
+    ]
+    assert "leank@0.7/leank" in printed and "headline stdlib" in printed
+
+
+def test_installed_scorecard_reads_the_checkout_given_as_root(venv_python, tmp_path):
+    printed = run_installed(
+        venv_python, ["-m", "leank_ref", "scorecard", "--root", str(ROOT), "--check", str(ROOT / "README.md")], tmp_path
+    )
+    assert "out of date" not in printed
+    table = run_installed(venv_python, ["-m", "leank_ref", "scorecard", "--root", str(ROOT)], tmp_path)
+    assert table.count("| yes |") >= 1 and "not measured" not in table
+    assert "not measured" in run_installed(venv_python, ["-m", "leank_ref", "scorecard"], tmp_path)  # no checkout here
+
+
+def test_help_is_fast_and_plain_text():
+    """``python -m leank_ref --help`` imports no command's module (no torch): well under a second, plain text."""
+    begun = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "leank_ref", "--help"], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - begun
+    print(f"python -m leank_ref --help: {seconds:.2f} s")
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in ("train", "evaluate", "scorecard"))
+    assert "``" not in done.stdout and ":func:" not in done.stdout and ":class:" not in done.stdout
+    assert seconds < 2.5  # the requirement is 1 s; the margin is for a loaded CI machine
+    modules = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from leank_ref.__main__ import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'leank_ref.'))))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert modules.strip() == "['leank_ref.__main__']"

@@ -127,7 +127,9 @@ def test_chapter_07_runs_on_a_tiny_qwen2(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="needs the notebook extras (pip install -e '.[dev]')")
     NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
-    from leank_ref.scorecard import ROOT
+    from leank_ref.checkout import find_checkout
+
+    ROOT = find_checkout(__file__)
 
     save_tiny_model(tmp_path / "tiny_qwen2", "qwen2")
     monkeypatch.setenv("LEANK_MODEL", str(tmp_path / "tiny_qwen2"))

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from leank_ref.models import masks_dir
-from leank_ref.scorecard import BEGIN, END, ROOT, replace_block, run_command, scorecard, scorecard_markdown
+from leank_ref.scorecard.cli import run_command
+from leank_ref.scorecard.table import BEGIN, END, replace_block, scorecard, scorecard_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_results(root: Path, pruned: bool, kernel: float, decode: float, ones: float, leank_acc: float) -> None:
@@ -117,6 +120,6 @@ def test_readme_table_is_generated_from_the_committed_results():
     """The README's scorecard equals the one built from the result files now (refresh it with --write)."""
     readme = (ROOT / "README.md").read_text()
     assert BEGIN in readme, "README.md has no scorecard block"
-    assert replace_block(readme, scorecard_markdown()) == readme, (
+    assert replace_block(readme, scorecard_markdown(ROOT)) == readme, (
         "README.md's scorecard is out of date: run python -m leank_ref scorecard --write README.md"
     )

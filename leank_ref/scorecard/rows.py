@@ -1,72 +1,20 @@
-"""The paper's headline claims beside this project's measured numbers, read from the committed result files.
-
-Zhang et al. (EMNLP 2025, arXiv 2508.02215) claim in their abstract: up to 70% of the K cache and 16-18% of the V
-cache saved, a 1.3x faster attention kernel, a 1.45x faster decoding step, and no loss of accuracy. Each row of
-the scorecard puts one claim beside our number for the same quantity, the file (and entry) it comes from, and a
-verdict by a rule stated in the row. Nothing is typed by hand: ``python -m leank_ref scorecard`` prints the table
-and ``--write README.md`` refreshes the copy in the README (a test checks that copy is current).
-"""
+"""The scorecard's rows, one function per claim, each reading the result files (and masks) of a checkout ``root``."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- scorecard:begin -->", "<!-- scorecard:end -->"
-SPEED_TOLERANCE = 0.95  # a speed-up reproduces if it reaches 95% of the paper's
-ACCURACY_TOLERANCE = 0.05  # accuracy is held if LeanK's is at most 5 points below dense
-# (claim, paper, result key, low, high, tolerance): a share reproduces within `tolerance` of [low, high]; "up to 70%"
-# allows 5 points because the sink and recent windows always keep full K, 16-18% allows 2 points.
-MEMORY_CLAIMS = (
-    ("K cache saved", "up to 70%", "k_saved", 0.70, 0.70, 0.05),
-    ("V cache saved", "16-18%", "v_saved", 0.16, 0.18, 0.02),
-)
+from leank_ref.scorecard.rules import RULES, Row, Rules, device_of, missing
 
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the scorecard."""
-
-    claim: str  # the quantity, e.g. "K cache saved"
-    paper: str  # the paper's number, e.g. "70%"
-    ours: str  # our number, formatted, or "not measured"
-    setting: str  # model, mask, shape, device
-    source: str  # result file (and entry) the number comes from
-    verdict: str  # "yes", "no" or "no result", with a short reason
-
-
-def _load_json(path: Path) -> dict | None:
+def load_json(path: Path) -> dict | None:
+    """A result file's contents, or None when it is absent or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _device(result: dict) -> str:
-    """The device a result file names (top level or under ``provenance``), e.g. 'one NVIDIA H100 80GB HBM3'."""
-    device = result.get("device") or (result.get("provenance") or {}).get("device") or "unknown device"
-    return f"one {device}" if device.startswith("NVIDIA") else device
-
-
-def _missing(claim: str, paper: str, source: str, why: str) -> Row:
-    return Row(claim, paper, "not measured", "", source, f"no result ({why})")
-
-
-def _share_verdict(value: float, low: float, high: float, tolerance: float) -> str:
-    if low - tolerance <= value <= high + tolerance:
-        return "yes"
-    paper = f"{100 * low:.0f}%" if low == high else f"{100 * low:.0f}-{100 * high:.0f}%"
-    return f"no (more than {100 * tolerance:.0f} points from {paper})"
-
-
-def _speed_verdict(value: float, claim: float) -> str:
-    if value >= SPEED_TOLERANCE * claim:
-        return "yes"
-    return f"no (below {SPEED_TOLERANCE:.0%} of {claim}x)"
 
 
 # (label, mask file under masks/, alignment, tokens, sink, recent, block): the authors' mask in their deployment
@@ -78,11 +26,11 @@ MEMORY_SETTINGS = (
 )
 
 
-def memory_rows(root: Path) -> list[Row]:
+def memory_rows(root: Path, rules: Rules = RULES) -> list[Row]:
     """K and V saved by a LeanK cache holding a mask file's kept channels, against a dense cache of the same length.
 
     The bytes come from the mask's per-head counts (:func:`leank_ref.memory.memory_formula`), which equal the bytes
-    a :class:`~leank_ref.cache.LeanKCache` holds after generation (checked in ``tests/test_cache.py``).
+    a :class:`~leank_ref.cache.LeanKCache` holds after generation (checked in ``tests/test_memory.py``).
     """
     from leank_ref.masks import load_mask
     from leank_ref.memory import memory_formula
@@ -94,40 +42,40 @@ def memory_rows(root: Path) -> list[Row]:
         try:
             mask = load_mask(root / "masks" / name, align=align)
         except (OSError, ValueError) as e:
-            rows.extend(_missing(claim, paper, source, type(e).__name__) for claim, paper, *_ in MEMORY_CLAIMS)
+            rows.extend(missing(claim, paper, source, type(e).__name__) for claim, paper, *_ in rules.memory_claims)
             continue
         report = memory_formula(mask, tokens, Windows(sink, recent, block))
         setting = (
             f"{label} ({1 - float(mask.mean()):.1%} of K channels pruned), {tokens // 1024}K tokens, "
             f"sink {sink} / recent {recent}"
         )
-        for claim, paper, key, low, high, tolerance in MEMORY_CLAIMS:
+        for claim, paper, key, low, high, tolerance in rules.memory_claims:
             value = getattr(report, key)
-            verdict = _share_verdict(value, low, high, tolerance)
+            verdict = rules.share(value, low, high, tolerance)
             rows.append(Row(claim, paper, f"{100 * value:.1f}%", setting, source, verdict))
     return rows
 
 
-def kernel_rows(root: Path) -> list[Row]:
+def kernel_rows(root: Path, rules: Rules = RULES) -> list[Row]:
     """Attention kernel speed-up: LeanK's Triton decode kernel over the fastest SDPA backend, per shape."""
     path = root / "benchmarks" / "results" / "decode_kernels.json"
-    result = _load_json(path)
+    result = load_json(path)
     claim, paper = "attention kernel speed-up", "1.3x"
     if result is None or not result.get("results"):
-        return [_missing(claim, paper, "benchmarks/results/decode_kernels.json", "file or entry absent")]
+        return [missing(claim, paper, "benchmarks/results/decode_kernels.json", "file or entry absent")]
     rows = []
     for batch, tokens in ((8, 32768), (1, 131072)):
         source = f"benchmarks/results/decode_kernels.json: results[B={batch}, N={tokens}].leank_triton"
         match = [r for r in result["results"] if r.get("B") == batch and r.get("N") == tokens]
         value = match[0].get("methods", {}).get("leank_triton", {}).get("speedup_vs_best_sdpa") if match else None
         if value is None:
-            rows.append(_missing(claim, paper, source, "shape not measured"))
+            rows.append(missing(claim, paper, source, "shape not measured"))
             continue
         setting = (
             f"authors' Llama-3.1-8B mask, batch {batch}, {tokens // 1024}K tokens, 32 layers, bf16, "
-            f"vs the fastest SDPA backend; {_device(result)}"
+            f"vs the fastest SDPA backend; {device_of(result)}"
         )
-        rows.append(Row(claim, paper, f"{value:.2f}x", setting, source, _speed_verdict(value, 1.3)))
+        rows.append(Row(claim, paper, f"{value:.2f}x", setting, source, rules.speed(value, 1.3)))
     return rows
 
 
@@ -159,14 +107,14 @@ def _decode_entries(result: dict) -> dict[tuple[int, int], dict]:
     return out
 
 
-def decoding_rows(root: Path) -> list[Row]:
+def decoding_rows(root: Path, rules: Rules = RULES) -> list[Row]:
     """Decoding speed-up from pruning: whole greedy steps of a Llama-3.1-8B-shaped model, LeanK over the same cache
     and kernel keeping every channel (the dense control that differs only in the mask).
 
     The speed-up over the fastest dense step measured (eager or under a CUDA graph) is shown beside it but not
     judged: it also measures how the dense baseline is implemented, not only the pruning.
     """
-    result = _load_json(root / "benchmarks" / "results" / "end_to_end.json") or {}
+    result = load_json(root / "benchmarks" / "results" / "end_to_end.json") or {}
     claim, paper = "decoding speed-up", "1.45x"
     entries = _decode_entries(result)
     shapes = [(8, 32768), (1, 131072) if (1, 131072) in entries or (1, 32768) not in entries else (1, 32768)]
@@ -175,17 +123,17 @@ def decoding_rows(root: Path) -> list[Row]:
         source = f"benchmarks/results/end_to_end.json: headline.B{batch}_N{tokens // 1024}K"
         entry = entries.get((batch, tokens))
         if entry is None:
-            rows.append(_missing(claim, paper, source, "file or shape absent"))
+            rows.append(missing(claim, paper, source, "file or shape absent"))
             continue
         ours = f"{entry['ones']:.2f}x over the same cache keeping every channel"
         if entry["dense"] is not None:
             how = "under a CUDA graph" if entry["dense_mode"].endswith("graph") else "launched from Python"
             ours += f" ({entry['dense']:.2f}x over the fastest dense step, {how})"
         setting = f"Llama-3.1-8B shape (random weights), authors' mask, batch {batch}, {tokens // 1024}K tokens; " + (
-            _device(result)
+            device_of(result)
         )
         source = f"benchmarks/results/end_to_end.json: {entry['where']}"
-        rows.append(Row(claim, paper, ours, setting, source, _speed_verdict(entry["ones"], 1.45)))
+        rows.append(Row(claim, paper, ours, setting, source, rules.speed(entry["ones"], 1.45)))
     return rows
 
 
@@ -209,13 +157,13 @@ def _summary(root: Path) -> list[dict]:
 def _held_rows(evaluation: dict, claim: str, paper: str) -> list[Row]:
     """Rows from an evaluation whose ``headline[source][method]`` says which ratios hold dense (``ratios``)."""
     rows = []
-    device = _device(evaluation)
+    device = device_of(evaluation)
     for source, methods in sorted(evaluation["headline"].items()):
         h = (methods or {}).get("leank") or {}
         ratios = {round(float(r), 3): bool(ok) for r, ok in (h.get("ratios") or {}).items()}
         where = f"results/eval.json: headline.{source}.leank"
         if 0.7 not in ratios:
-            rows.append(_missing(claim, paper, where, "r=0.7 not evaluated"))
+            rows.append(missing(claim, paper, where, "r=0.7 not evaluated"))
             continue
         held = ", ".join(f"r={r:g} {'held' if ok else 'not held'}" for r, ok in sorted(ratios.items()))
         setting = (
@@ -227,84 +175,30 @@ def _held_rows(evaluation: dict, claim: str, paper: str) -> list[Row]:
     return rows
 
 
-def accuracy_rows(root: Path) -> list[Row]:
+def accuracy_rows(root: Path, rules: Rules = RULES) -> list[Row]:
     """Accuracy at r=0.7 (SmolLM2, our learned mask) beside the dense model's."""
     claim, paper = "accuracy held", "no loss at r=0.7"
-    evaluation = _load_json(root / "results" / "eval.json") or {}
+    evaluation = load_json(root / "results" / "eval.json") or {}
     headline = evaluation.get("headline") or {}
     if any("ratios" in ((m or {}).get("leank") or {}) for m in headline.values() if isinstance(m, dict)):
         return _held_rows(evaluation, claim, paper)
     summary = _summary(root)  # evaluations that scored answers: accuracy per task with a 95% interval
-    device = _device(evaluation)
+    device = device_of(evaluation)
     rows = []
     for task in ("passkey", "kv_retrieval"):
         source = f"results/eval_summary.csv: task={task}, method=leank vs dense"
         dense = [r for r in summary if r.get("task") == task and r.get("method") == "dense"]
         leank = [r for r in summary if r.get("task") == task and r.get("method") == "leank" and r.get("ratio") == 0.7]
         if not dense or not leank or leank[0].get("accuracy") is None:
-            rows.append(_missing(claim, paper, source, "file or entry absent"))
+            rows.append(missing(claim, paper, source, "file or entry absent"))
             continue
         d, lk = dense[0], leank[0]
         ours = (
             f"{100 * lk['accuracy']:.0f}% [{100 * lk['acc_low']:.0f}, {100 * lk['acc_high']:.0f}] vs dense "
             f"{100 * d['accuracy']:.0f}%"
         )
-        held = lk["accuracy"] >= d["accuracy"] - ACCURACY_TOLERANCE
-        verdict = "yes" if held else f"no (more than {100 * ACCURACY_TOLERANCE:.0f} points below dense)"
+        held = lk["accuracy"] >= d["accuracy"] - rules.accuracy_tolerance
+        verdict = "yes" if held else f"no (more than {100 * rules.accuracy_tolerance:.0f} points below dense)"
         setting = f"our SmolLM2-135M mask r=0.7, {task} ({int(lk['n'])} samples, 95% interval); {device}"
         rows.append(Row(claim, paper, ours, setting, source, verdict))
     return rows
-
-
-SECTIONS: tuple[Callable[[Path], list[Row]], ...] = (memory_rows, kernel_rows, decoding_rows, accuracy_rows)
-
-
-def scorecard(root: str | Path | None = None) -> list[Row]:
-    """Every row, in the order of the paper's abstract, from the result files under ``root`` (default: this repo)."""
-    root = ROOT if root is None else Path(root)
-    return [row for section in SECTIONS for row in section(root)]
-
-
-def scorecard_markdown(root: str | Path | None = None) -> str:
-    """The scorecard as a Markdown table."""
-    lines = [
-        "| Claim (paper's abstract) | Paper | Ours | Setting | Source | Reproduces? |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in scorecard(root):
-        cells = (r.claim, r.paper, r.ours, r.setting, f"`{r.source}`", r.verdict)
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def replace_block(text: str, table: str) -> str:
-    """``text`` with the part between the scorecard markers replaced by ``table``."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"the file has no scorecard block: add a line '{BEGIN}' and a line '{END}' where it goes.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
-
-
-def add_arguments(parser) -> None:
-    """The ``scorecard`` subcommand's options."""
-    parser.add_argument("--root", help="repository folder holding results/ and benchmarks/results/ (default: this one)")
-    parser.add_argument("--write", metavar="FILE", help="refresh the table between the scorecard markers of FILE")
-    parser.add_argument("--check", metavar="FILE", help="exit 1 if FILE's scorecard table is not the current one")
-
-
-def run_command(args) -> int:
-    """Print the paper-vs-measured scorecard built from the result files (or refresh/check a file's copy)."""
-    table = scorecard_markdown(args.root)
-    for path in filter(None, (args.write, args.check)):
-        text = Path(path).read_text()
-        updated = replace_block(text, table)
-        if args.check and updated != text:
-            print(f"{path}: the scorecard table is out of date; run python -m leank_ref scorecard --write {path}")
-            return 1
-        if args.write and updated != text:
-            Path(path).write_text(updated)
-            print(f"wrote the scorecard into {path}")
-    if not (args.write or args.check):
-        print(table)
-    return 0
