@@ -188,3 +188,32 @@ def test_tiny_grid_runs_from_the_command_line_and_writes_files(model, tmp_path):
     memory = {(m["method"], m["ratio"], m["budget"]): m for m in report["memory"]}
     assert memory[("think", 0.8, "uniform")]["pruned_ratio"] == pytest.approx(0.8, abs=0.02)
     assert memory[("dense", 0.0, "none")]["k_saved"] == 0.0
+
+
+def test_tiny_windows_grid_runs_each_window_with_its_own_masks(model, tmp_path):
+    """--windows-grid --tiny: one file set per window, masks looked up per window, the missing ones reported with the
+    commands that make them, and LeanK's paired differences at r=0.7 against dense and the best heuristic."""
+    masks_dir = tmp_path / "masks"
+    g = torch.Generator().manual_seed(3)
+    save_mask(binarize(torch.rand(SHAPE, generator=g), 0.7, ALIGN), learned_mask_path(0.7, masks_dir))  # 16/64 only
+    out = tmp_path / "results"
+    argv = ["evaluate", "--windows-grid", "--tiny", "--method", "leank", "random", "--masks-dir", str(masks_dir)]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert {p.name for p in out.glob("*.json")} == {"eval_w16-64.json", "eval_w32-128.json", "eval_windows.json"}
+    summary = json.loads((out / "eval_windows.json").read_text())
+    first, second = summary["windows"]
+    assert first["windows"] == {"sink": 16, "recent": 64, "block": 32} and first["missing_masks"] is None
+    assert json.loads((out / "eval_w16-64.json").read_text())["grid"]["windows"] == first["windows"]
+    paired = first["paired"]["stdlib"]
+    assert paired["best_heuristic"] == "random" and first["paired_length"] == 256
+    assert set(paired["vs_dense"]) == {
+        f"{t} {m}" for t in ("passkey", "kv_retrieval", "continuation") for m in ("ll", "kl")
+    }
+    assert all(c["n"] == 1 and c["a"] == "leank@0.7/leank" for c in paired["vs_best_heuristic"].values())
+    assert "leank" in first["headline"]["stdlib"] and "leank" not in second["headline"]["stdlib"]
+    wanted = learned_mask_path(0.7, masks_dir, windows=Windows(32, 128, 32))
+    assert wanted.parent.name == "paper" and second["missing_masks"]["files"] == [str(wanted)]
+    commands = second["missing_masks"]["commands"]
+    assert commands[0].startswith("python -m leank_ref train --stage 1 --sink 32 --recent 128")
+    assert "--ratio 0.7" in commands[1] and commands[1].endswith(f"--out {wanted}")
+    assert second["paired"]["stdlib"] == {"missing": "no LeanK mask at r=0.7"}

@@ -7,22 +7,16 @@ from pathlib import Path
 from leank_ref.data import SOURCES
 from leank_ref.evaluate.grid import ALL_METHODS, TEACHER_FORCED_TASKS, EvalGrid
 
-SUMMARY = "Every channel selector at every pruning ratio, paired against dense, on held-in and held-out text."
-
 
 def add_arguments(parser) -> None:
     """The ``evaluate`` options (defaults: the full grid of notebook 06)."""
     d = EvalGrid()
-    parser.add_argument(
-        "--method", nargs="+", choices=ALL_METHODS, default=list(d.methods), help="methods compared with dense"
-    )
-    parser.add_argument(
-        "--ratio", nargs="+", type=float, default=list(d.ratios), help="pruning ratios (default 0.5 0.7 0.8)"
-    )
+    parser.add_argument("--method", nargs="+", choices=ALL_METHODS, help="methods compared with dense (default: all)")
+    parser.add_argument("--ratio", nargs="+", type=float, help="pruning ratios (default 0.5 0.7 0.8)")
     parser.add_argument("--task", nargs="+", choices=TEACHER_FORCED_TASKS, default=list(d.tasks))
-    parser.add_argument("--lengths", nargs="+", type=int, default=list(d.lengths), help="context lengths (tokens)")
+    parser.add_argument("--lengths", nargs="+", type=int, help="context lengths in tokens (default 1024 2048 4096)")
     parser.add_argument("--source", nargs="+", choices=SOURCES, default=list(d.sources), help="haystack text sources")
-    parser.add_argument("--samples", type=int, default=d.samples, help="samples per (task, source, length)")
+    parser.add_argument("--samples", type=int, help=f"samples per (task, source, length) (default {d.samples})")
     parser.add_argument(
         "--greedy-lengths",
         nargs="*",
@@ -36,6 +30,20 @@ def add_arguments(parser) -> None:
         help="skip the heuristics at uniform counts where LeanK's counts are the budget",
     )
     parser.add_argument("--tiny", action="store_true", help="a grid of a few samples (a smoke test)")
+    parser.add_argument(
+        "--windows-grid",
+        action="store_true",
+        help="the window x length x ratio grid: windows 16/64, 64/256 and 128/768 (each with its own masks), "
+        "2K/4K/8K tokens, ratios 0.5-0.8, LeanK and every heuristic, 32 samples; writes eval_w<sink>-<recent> "
+        "files and eval_windows.json (with --tiny: small windows, 256 tokens, r=0.7, one sample per task)",
+    )
+    parser.add_argument(
+        "--window",
+        nargs="+",
+        metavar="SINK/RECENT/BLOCK",
+        help="with --windows-grid: only these windows, e.g. 128/768/128 (the others' entries in eval_windows.json "
+        "are kept, so the windows can run one call each)",
+    )
     parser.add_argument(
         "--scan",
         nargs="*",
@@ -70,25 +78,64 @@ def grid_from_args(args, out: Path) -> EvalGrid:
     from leank_ref.evaluate.grid import tiny_grid
     from leank_ref.evaluate.scan import SCAN_FILE, accuracy_lengths
 
-    overrides = dict(
-        methods=tuple(args.method),
-        ratios=tuple(args.ratio),
-        tasks=tuple(args.task),
-        uniform_ablation=not args.no_uniform_ablation,
-    )
+    overrides = dict(tasks=tuple(args.task), uniform_ablation=not args.no_uniform_ablation)
+    for key, value in (("methods", args.method), ("ratios", args.ratio), ("samples", args.samples)):
+        if value is not None:
+            overrides[key] = tuple(value) if isinstance(value, list) else value
     if args.greedy_lengths is not None:
         overrides["greedy_lengths"] = tuple(args.greedy_lengths)
     if args.tiny:
         return tiny_grid(**overrides)
     if args.greedy_lengths is None:  # the dense scan of the output folder
         overrides["greedy_lengths"] = accuracy_lengths(out / SCAN_FILE)
-    return EvalGrid(
-        **overrides,
-        lengths=tuple(args.lengths),
-        sources=tuple(args.source),
-        samples=args.samples,
-        greedy_samples=args.greedy_samples,
-    )
+    if args.lengths:
+        overrides["lengths"] = tuple(args.lengths)
+    return EvalGrid(**overrides, sources=tuple(args.source), greedy_samples=args.greedy_samples)
+
+
+def windows_grids_from_args(args) -> list[EvalGrid]:
+    """The window x length x ratio grids the options ask for (:func:`leank_ref.evaluate.windows_grid.windows_grid`)."""
+    from leank_ref.evaluate.windows_grid import windows_grid
+
+    overrides = dict(tasks=tuple(args.task))
+    if not args.tiny or args.source != list(SOURCES):
+        overrides["sources"] = tuple(args.source)
+    for key, value in (("methods", args.method), ("ratios", args.ratio), ("lengths", args.lengths)):
+        if value is not None:
+            overrides[key] = tuple(value)
+    from leank_ref.windows import Windows
+
+    windows = None
+    if args.window:
+        try:
+            windows = tuple(Windows(*(int(x) for x in w.split("/"))) for w in args.window)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--window takes SINK/RECENT/BLOCK, e.g. 128/768/128; got {args.window}: {e}") from e
+    return windows_grid(args.tiny, args.samples, windows, **overrides)
+
+
+def print_windows_summary(summary: dict) -> None:
+    """Per window: missing masks (with their commands), the headline, and LeanK's paired differences at r=0.7."""
+    for entry in summary["windows"]:
+        w = entry["windows"]
+        label = f"sink {w['sink']} / recent {w['recent']} / block {w['block']}"
+        if entry["missing_masks"]:
+            print(f"{label}: missing masks {', '.join(entry['missing_masks']['files'])}; make them with:")
+            for command in entry["missing_masks"]["commands"]:
+                print(f"  {command}")
+        for source, methods in entry["headline"].items():
+            held = ", ".join(f"{m} r={rec['ratio']}" for m, rec in methods.items())
+            print(f"{label} {source}: holds dense up to {held}")
+        for source, paired in entry["paired"].items():
+            if "missing" in paired:
+                print(f"{label} {source} at {entry['paired_length']} tokens: {paired['missing']}")
+                continue
+            for against, key in (("dense", "vs_dense"), (paired["best_heuristic"], "vs_best_heuristic")):
+                for name, c in paired[key].items():
+                    print(
+                        f"{label} {source} {entry['paired_length']} tokens: LeanK - {against} {name} "
+                        f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] {c['verdict']}"
+                    )
 
 
 def print_report(report: dict) -> None:
@@ -128,6 +175,16 @@ def run_command(args) -> int:
                 f"length {s['length']:>5}: dense passkey {s['accuracy']:.2f} "
                 f"[{s['acc_low']:.2f}, {s['acc_high']:.2f}] (n={s['n']})"
             )
+        return 0
+    if args.windows_grid:
+        from leank_ref.evaluate.windows_grid import SUMMARY_FILE, run_windows_grid
+
+        grids = windows_grids_from_args(args)
+        summary = run_windows_grid(
+            model, tokenizer, grids, out, args.masks_dir, not args.no_progress, args.workers, args.model
+        )
+        print_windows_summary(summary)
+        print(f"wrote {out}/{SUMMARY_FILE} and one file set per window")
         return 0
     grid = grid_from_args(args, out)
     name = args.name or "eval"
