@@ -22,6 +22,7 @@ from leank_ref.evaluation import (
 )
 from leank_ref.masks import binarize, kept_counts, save_mask, top_count_mask
 from leank_ref.stats import compare_all, headline
+from leank_ref.windows import Windows
 
 SHAPE, ALIGN = (30, 3, 64), 16
 
@@ -62,7 +63,7 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
         capture, last = capture_prefill(model, ex.context_ids, values=True)
         sim = generate_rows(model, capture, int(last[0].argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
-            with apply_leank(model, mask, sink=grid.sink, recent=grid.recent, block=1, align=ALIGN, backend="torch"):
+            with apply_leank(model, mask, Windows(grid.sink, grid.recent, 1), align=ALIGN, backend="torch"):
                 out = model.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # a LeanK cache
             real_ids = out[0, ex.length_context :].tolist()
             assert real_ids == sim_ids[: len(real_ids)]

@@ -263,7 +263,7 @@ class LeanKLayer(CacheLayerMixin):
         return self.length + (self.chunk[0].shape[2] if self.chunk is not None else 0)
 
     def get_mask_sizes(self, query, *args) -> tuple[int, int]:
-        """(kv_length, kv_offset) for mask creation; ``query`` is a length (5.1x-5.2x) or a cache_position tensor."""
+        """(kv_length, kv_offset) for mask creation; ``query`` is a length or a cache_position tensor."""
         q_len = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
         return self.get_seq_length() + q_len, 0
 
