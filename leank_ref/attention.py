@@ -82,13 +82,6 @@ def use_hook(model, hook: AttentionHook) -> Iterator[AttentionHook]:
             model.set_attn_implementation(previous)
 
 
-def bound_hook(model, layer: int):
-    """The hook bound to attention layer ``layer`` of ``model`` while its attention is ``"leank_ref"`` (else None)."""
-    if model.config._attn_implementation != ATTN_NAME:
-        return None
-    return getattr(attention_modules(model)[layer], HOOK_ATTRIBUTE, None)
-
-
 def query_positions(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Absolute positions [T] of the queries: the last T of the N keys (prefill: T == N)."""
     n_keys, n_queries = key.shape[-2], query.shape[-2]

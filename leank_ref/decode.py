@@ -52,7 +52,9 @@ def leank_decode_torch(
     scaling: float,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LeanK decode attention in plain torch (float32 softmax): q [B, H, D] -> output [B, H, D] in q's dtype.
+    """The reference implementation of LeanK decode attention over the compact layout, in plain torch (float32
+    softmax): q [B, H, D] -> output [B, H, D] in q's dtype. The cache's torch backend runs it; the Triton kernel's
+    tests compare against it.
 
     ``lengths`` (optional int tensor ``[n_full, n_mid]`` on q's device): the tensors are whole preallocated
     buffers and only their first ``n_full`` full-window slots and ``n_mid`` middle tokens count; the rest is

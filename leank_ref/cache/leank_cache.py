@@ -101,7 +101,7 @@ class LeanKCache(Cache):
         self.mask = validate_mask(torch.as_tensor(mask), facts.mask_shape, align).cpu()
         self.align, self.backend, self.static, self.max_tokens = align, backend, static, max_tokens
         # The model's attention modules (weakly: the cache must not keep a model alive), to check the binding
-        self._modules = None if model is config else [weakref.ref(m) for m in attention_modules(model)]
+        self._modules = [weakref.ref(m) for m in attention_modules(model)] if hasattr(model, "base_model") else None
         layers = [
             LeanKLayer(i, HeadGroups.from_mask(self.mask[i]), self.windows, max_tokens, static)
             for i in range(self.mask.shape[0])
