@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from leank_ref.cache import LeanKCache
+from leank_ref.attention import use_hook
+from leank_ref.cache import LeanKAttention, LeanKCache
 from leank_ref.data import continuation_example
 from leank_ref.masks import load_mask
 from leank_ref.models import cache_argument, load_model, model_facts
@@ -62,11 +63,12 @@ def main() -> None:
     ids = continuation_example(tokenizer, args.context, seed=0).context_ids[None]  # [1, context]
     name = cache_argument(model)
 
-    with torch.no_grad():
+    # SmolLM2 defaults: sink 16, recent 64, block 32
+    leank_cache = LeanKCache(model, mask, backend="torch", max_tokens=args.context + args.steps + 12)
+    # Its attention stays bound for the whole run; a DynamicCache step passes through it to SDPA (one call more)
+    with torch.no_grad(), use_hook(model, LeanKAttention(leank_cache)):
         dense_cache = DynamicCache(config=model.config)
         next_dense = model(ids, **{name: dense_cache}).logits[:, -1:].argmax(-1)
-        # SmolLM2 defaults: sink 16, recent 64, block 32
-        leank_cache = LeanKCache(model, mask, backend="torch", max_tokens=args.context + args.steps + 12)
         next_leank = model(ids, **{name: leank_cache}).logits[:, -1:].argmax(-1)
         times = {"dense": [], "leank": []}
         for _ in range(2):  # warm-up, untimed

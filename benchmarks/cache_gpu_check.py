@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
-from leank_ref.cache import LeanKCache
+from leank_ref.attention import use_hook
+from leank_ref.cache import LeanKAttention, LeanKCache
 from leank_ref.data import continuation_example
 from leank_ref.masks import load_mask
 from leank_ref.models import cache_argument, load_model, model_facts
 from leank_ref.provenance import provenance
+from leank_ref.windows import Windows
 
 ROOT = Path(__file__).resolve().parent.parent
 MASK = ROOT / "masks" / "smollm2-135m_r0.7.pth"
@@ -53,8 +55,9 @@ def teacher_forced_logits(model, ids: torch.Tensor, prompt: int, cache, sdpa: st
 
     key = cache_argument(model)
     pin = sdpa_kernel(getattr(SDPBackend, sdpa)) if sdpa else nullcontext()
+    bind = use_hook(model, LeanKAttention(cache)) if isinstance(cache, LeanKCache) else nullcontext()
     logits = []
-    with pin, torch.no_grad():
+    with pin, bind, torch.no_grad():
         out = model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1, **{key: cache})
         logits.append(out.logits[:, -1].float())
         for t in range(prompt, ids.shape[1] - 1):
@@ -86,7 +89,7 @@ def run_dtype(device: str, dtype: torch.dtype, prompt: int, steps: int, batch: i
     total = ids.shape[1] + 1
 
     def leank(layer_mask, backend):
-        return LeanKCache(model, layer_mask, sink, recent, block, backend=backend, max_tokens=total)
+        return LeanKCache(model, layer_mask, Windows(sink, recent, block), backend=backend, max_tokens=total)
 
     from transformers import DynamicCache
 

@@ -58,9 +58,10 @@ if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kerne
 import torch  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from leank_ref import cache as leank_cache  # noqa: E402
-from leank_ref.cache import LeanKCache, memory_formula  # noqa: E402
+from leank_ref.attention import use_hook  # noqa: E402
+from leank_ref.cache import LeanKAttention, LeanKCache  # noqa: E402
 from leank_ref.masks import load_mask  # noqa: E402
+from leank_ref.memory import memory_formula  # noqa: E402
 from leank_ref.models import cache_argument  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 from leank_ref.windows import Windows
@@ -136,11 +137,13 @@ def new_cache(model, mode: str, mask: torch.Tensor, windows: tuple[int, int, int
         return StaticCache(config=model.config, max_cache_len=max_tokens)
     if mode == "dense_triton_graph":  # all tokens are sink: full K/V for every token, one split-KV kernel
         ones = torch.ones_like(mask)
-        return LeanKCache(model, ones, max_tokens, 1, 1, backend="triton", max_tokens=max_tokens, static=True)
+        every_token_sink = Windows(max_tokens, 1, 1)
+        return LeanKCache(model, ones, every_token_sink, backend="triton", max_tokens=max_tokens, static=True)
     sink, recent, block = windows
     layer_mask = mask if mode.startswith("leank") else torch.ones_like(mask)
     static = mode.endswith("graph")  # preallocated, lengths on the device: what a CUDA graph can replay
-    return LeanKCache(model, layer_mask, sink, recent, block, backend="triton", max_tokens=max_tokens, static=static)
+    windows = Windows(sink, recent, block)
+    return LeanKCache(model, layer_mask, windows, backend="triton", max_tokens=max_tokens, static=static)
 
 
 def fill(cache, model, batch: int, tokens: int) -> None:
@@ -155,9 +158,6 @@ def fill(cache, model, batch: int, tokens: int) -> None:
         v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         cache.update(k, v, layer, {"cache_position": positions})
         del k, v
-    unroute = getattr(leank_cache, "_unroute", None)
-    if unroute is not None:  # no attention call follows these updates: drop the route the last one set
-        unroute()
 
 
 def eager_step(model, cache, flash: bool):
@@ -265,28 +265,30 @@ def run_mode(model, mode: str, mask, windows, batch: int, tokens: int, steps: in
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cache = new_cache(model, mode, mask, windows, batch, tokens + warmup + steps + 2)
-    fill(cache, model, batch, tokens)
-    if mode.endswith("graph"):
-        step = graph_step(model, cache, batch, tokens)
-    else:
-        step = eager_step(model, cache, flash=mode == "dense_eager" and device == "cuda")
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    position = tokens
-    first_logits = None
-    for _ in range(warmup):
-        logits = step(ids, position)
-        if first_logits is None:
-            first_logits = logits[0].float().clone()
-        ids = logits.argmax(-1, keepdim=True)
-        position += 1
-    sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        ids = step(ids, position).argmax(-1, keepdim=True)
+    # A LeanK cache is read by its own attention, bound to the model's attention modules for the run
+    with use_hook(model, LeanKAttention(cache)) if isinstance(cache, LeanKCache) else nullcontext():
+        fill(cache, model, batch, tokens)
+        if mode.endswith("graph"):
+            step = graph_step(model, cache, batch, tokens)
+        else:
+            step = eager_step(model, cache, flash=mode == "dense_eager" and device == "cuda")
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        position = tokens
+        first_logits = None
+        for _ in range(warmup):
+            logits = step(ids, position)
+            if first_logits is None:
+                first_logits = logits[0].float().clone()
+            ids = logits.argmax(-1, keepdim=True)
+            position += 1
         sync(device)
-        times.append(time.perf_counter() - start)
-        position += 1
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            ids = step(ids, position).argmax(-1, keepdim=True)
+            sync(device)
+            times.append(time.perf_counter() - start)
+            position += 1
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     median = statistics.median(times)
     del cache, step

@@ -1,7 +1,7 @@
 """leank_ref: a notebook-first reference implementation of LeanK (Zhang et al., EMNLP 2025).
 
 The names of the quick start are importable from here (loaded on first use, so ``import leank_ref.kernels``
-stays light): ``load_model``, ``shipped_mask``, ``apply_leank``, ``LeanKCache``.
+stays light): ``load_model``, ``shipped_mask``, ``apply_leank``, ``LeanKPress``, ``LeanKCache``, ``Windows``.
 """
 
 import importlib
@@ -14,6 +14,8 @@ _EXPORTS = {
     "masks_dir": "models",
     "apply_leank": "cache",
     "LeanKCache": "cache",
+    "LeanKPress": "cache",
+    "Windows": "windows",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,9 +1,13 @@
-"""Attention functions registered with transformers' ``AttentionInterface``: capture and simulated LeanK.
+"""Attention hooks for a loaded model: QK capture, simulated LeanK, and the LeanK cache's decode attention.
 
-One function, ``"leank_ref"``, is registered once. It forwards to whichever *hook* is active (a stack,
-managed by :func:`use_hook`), or to transformers' own SDPA attention when none is. So a loaded model is
-never modified: ``with use_hook(model, QKCapture()):`` records queries and keys, ``with use_hook(model,
-SimulatedLeanK(...)):`` computes LeanK's pruned attention, and on exit the model is exactly as before.
+One attention function, ``"leank_ref"``, is registered with transformers' ``AttentionInterface`` once, at import,
+and never changes. It runs the *hook* bound to the calling attention module (the module's ``leank_hook``
+attribute), or transformers' own SDPA attention when none is. :func:`use_hook` binds a hook to every attention
+module of one model for the duration of a ``with`` block and switches that model to ``"leank_ref"``; leaving the
+block (also by an exception) restores both. So a model is modified only inside a block, and only that model:
+two models in two threads never see each other's hooks. ``with use_hook(model, QKCapture()):`` records queries and
+keys, ``with use_hook(model, SimulatedLeanK(...)):`` computes LeanK's pruned attention, and the LeanK cache's
+attention (:class:`leank_ref.cache.LeanKAttention`) is bound the same way by ``with press(model):``.
 
 Shapes inside the attention function (transformers' convention, after RoPE):
 query [B, H, T, D], key/value [B, G, N, D] with N >= T; query i sits at absolute position N - T + i.
@@ -20,10 +24,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from leank_ref.layout import check_windows
 from leank_ref.masks import zero_head_rule
+from leank_ref.windows import Windows
 
 ATTN_NAME = "leank_ref"
+HOOK_ATTRIBUTE = "leank_hook"  # the attribute of an attention module that holds its bound hook
 
 
 class AttentionHook(Protocol):
@@ -32,17 +37,14 @@ class AttentionHook(Protocol):
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor: ...
 
 
-_HOOKS: list[AttentionHook] = []
-
-
 def default_attention(module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
     """Transformers' own SDPA attention: the reference every hook must agree with when it changes nothing."""
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
 
 
 def leank_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: the innermost active hook, else default SDPA."""
-    hook = _HOOKS[-1] if _HOOKS else default_attention
+    """The registered attention function: the hook bound to ``module``, else default SDPA."""
+    hook = getattr(module, HOOK_ATTRIBUTE, None) or default_attention
     return hook(module, query, key, value, attention_mask, scaling=scaling, **kwargs), None
 
 
@@ -50,18 +52,33 @@ AttentionInterface.register(ATTN_NAME, leank_attention)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)  # same masks as "sdpa", so pass-through is exact
 
 
+def attention_modules(model) -> list:
+    """The model's attention modules, one per layer in order (``model.base_model.layers[i].self_attn``)."""
+    return [layer.self_attn for layer in model.base_model.layers]
+
+
 @contextmanager
 def use_hook(model, hook: AttentionHook) -> Iterator[AttentionHook]:
-    """Route the model's attention through ``hook`` inside the block; restore the previous attention after."""
+    """Bind ``hook`` to every attention module of ``model`` inside the block; restore what was there after.
+
+    Blocks nest (the inner hook wins until it ends). Only this model changes, and only until the block ends.
+    """
+    modules = attention_modules(model)
+    previous_hooks = [vars(m).get(HOOK_ATTRIBUTE) for m in modules]
     previous = model.config._attn_implementation
-    if previous != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
-    _HOOKS.append(hook)
     try:
+        for m in modules:
+            setattr(m, HOOK_ATTRIBUTE, hook)
+        if previous != ATTN_NAME:
+            model.set_attn_implementation(ATTN_NAME)
         yield hook
     finally:
-        _HOOKS.remove(hook)
-        if previous != ATTN_NAME:
+        for m, old in zip(modules, previous_hooks):
+            if old is None:
+                vars(m).pop(HOOK_ATTRIBUTE, None)
+            else:
+                setattr(m, HOOK_ATTRIBUTE, old)
+        if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
 
 
@@ -151,6 +168,8 @@ class SimulatedLeanK:
     deployment). q·(k*s) = (q*s)·k, so the factors multiply the (few) decode queries, not the (many) keys.
     With ``exclude_zero_heads`` a head whose scale is all zero skips its middle tokens entirely (deployed
     meaning, see :func:`zero_head_rule`); otherwise they get logit 0 as in the authors' training.
+    It works on full tensors, not on :func:`leank_ref.decode.leank_decode_torch`'s compact layout: training's
+    continuous factors need gradients through every channel of every key.
     """
 
     def __init__(
@@ -161,7 +180,7 @@ class SimulatedLeanK:
         decode_start: int = 0,
         exclude_zero_heads: bool = True,
     ):
-        check_windows(sink, recent)
+        Windows(sink, recent, 1)  # checks the windows
         self.scale = scale
         self.sink, self.recent = sink, recent
         self.decode_start = decode_start
@@ -210,11 +229,13 @@ class SimulatedLeanKRows:
     query (position >= prompt length), so it computes :class:`SimulatedLeanK`'s attention (deployed meaning):
     full q·k for sink keys and keys in (t - recent, t], q[kept]·k[kept] for the middle, and
     :func:`zero_head_rule`. It equals :class:`SimulatedLeanK` row by row (tests), but reads the prompt's K/V
-    once for all rows, so a whole grid of masks costs one prefill.
+    once for all rows, so a whole grid of masks costs one prefill. It does not call the compact-layout reference
+    :func:`leank_ref.decode.leank_decode_torch`: that one takes one query per sequence and one head grouping for the
+    whole batch, while here each row has its own mask (its own grouping) and teacher forcing sends T > 1 queries.
     """
 
     def __init__(self, prompt: QKCapture, masks: torch.Tensor, sink: int, recent: int):
-        check_windows(sink, recent)
+        Windows(sink, recent, 1)  # checks the windows
         if not prompt.values:
             raise ValueError("the prompt capture holds no values: capture it with capture_prefill(..., values=True).")
         self.keys = {l: k[0] for l, k in prompt.keys.items()}  # [G, P, D]

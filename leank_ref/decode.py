@@ -1,4 +1,4 @@
-"""Decode attention over the LeanK cache: a full window and the middle head groups, under one softmax.
+"""LeanK decode attention over the compact layout: a full window and the middle head groups, under one softmax.
 
 At a decode step one query token per sequence meets two kinds of stored keys:
 
@@ -8,36 +8,33 @@ At a decode step one query token per sequence meets two kinds of stored keys:
   middle values ``v [B, Gc, Nm, D]``. Heads that keep no channel store nothing for middle tokens.
 
 A middle logit is ``q[kept] . k[kept]``: the gathered query channels against the stored ones, which is
-the simulated ``q . (k * mask)`` of training without ever materialising pruned channels. Every head
-sees the same ``Nf + Nm`` token slots, so the torch path writes all logits into one ``[B, G, r, Nf + Nm]``
-tensor (``-inf`` for the middle of a head that keeps nothing) and takes one float32 softmax: exactly the
-softmax over the union of the parts, with few small ops per layer (CPU speed is Python-bound). The
-Triton kernel of ``leank_ref.kernels`` instead splits the tokens across programs and merges the parts
-with their log-sum-exp (split-KV flash decoding); both compute the same attention.
+the simulated ``q . (k * mask)`` of training without ever materialising pruned channels.
+:func:`leank_decode_torch` is the reference implementation of this attention: every head sees the same
+``Nf + Nm`` token slots, so it writes all logits into one ``[B, G, r, Nf + Nm]`` tensor (``-inf`` for the
+middle of a head that keeps nothing) and takes one float32 softmax (few small ops per layer: CPU speed is
+Python-bound). The Triton kernel of ``leank_ref.kernels`` instead splits the tokens across programs and merges
+the parts with their log-sum-exp (split-KV flash decoding); its tests compare it with this reference.
 
-:class:`LeanKAttention` is the attention each ``LeanKCache`` brings along (its update routes the
-layer's next attention call to it, see ``leank_ref.cache``): at prefill it runs ordinary attention (as
-the authors do); at decode it reads the compact store of the layer the cache has just updated and runs
-:func:`leank_decode_torch` or the Triton kernel (``backend="triton"``, or ``"auto"`` on CUDA). The
-Triton path builds one ``LeanKDecoder`` per layer at the first decode step and keeps it on the layer,
-so each later step is a single kernel launch.
+:func:`decode_attention` runs one layer's step with the backend a cache chose: the reference, or the Triton
+kernel (``backend="triton"``, or ``"auto"`` on CUDA). The Triton path builds one ``LeanKDecoder`` per layer at
+the first decode step and keeps it on the layer, so each later step is a single kernel launch.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Protocol
 
 import torch
 
-from .attention import default_attention
 from .layout import HeadGroups, MiddleGroup
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 class DecodeStore(Protocol):
-    """What the decode path reads from one cache layer (``LeanKLayer`` in ``cache.py``)."""
+    """What the decode path reads from one cache layer (:class:`leank_ref.cache.LeanKLayer`)."""
 
     layer_idx: int
     keys: torch.Tensor  # [B, G, Nf, D]: the full window (sink + recent), last token = the query's own
@@ -55,7 +52,9 @@ def leank_decode_torch(
     scaling: float,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LeanK decode attention in plain torch (float32 softmax): q [B, H, D] -> output [B, H, D] in q's dtype.
+    """The reference implementation of LeanK decode attention over the compact layout, in plain torch (float32
+    softmax): q [B, H, D] -> output [B, H, D] in q's dtype. The cache's torch backend runs it; the Triton kernel's
+    tests compare against it.
 
     ``lengths`` (optional int tensor ``[n_full, n_mid]`` on q's device): the tensors are whole preallocated
     buffers and only their first ``n_full`` full-window slots and ``n_mid`` middle tokens count; the rest is
@@ -95,15 +94,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def leank_decode_triton(
-    q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup], scaling: float
-) -> torch.Tensor:
-    """The same attention through the Triton kernel in one call (it validates and plans every time)."""
-    from leank_ref.kernels import leank_decode
-
-    return leank_decode(q.contiguous(), k_full, v_full, groups, scale=scaling)
 
 
 def store_heads(store: DecodeStore) -> HeadGroups:
@@ -156,62 +146,30 @@ def leank_decode_layer(store: DecodeStore, q: torch.Tensor, scaling: float) -> t
     return decoder(q, store.keys, store.values, [g.k for g in groups], [g.v for g in groups], lengths)
 
 
-def check_no_padding(attention_mask: torch.Tensor | None) -> None:
-    """Raise the "unsupported" error for padded batches (prompts of different lengths)."""
-    if attention_mask is None:
+def check_backend(backend: str, device: torch.device | str | None = None) -> None:
+    """Raise unless ``backend`` is one of :data:`BACKENDS` and can run on ``device`` (when given)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend='{backend}' is not one of {BACKENDS}.")
+    if backend != "triton":
         return
-    last = attention_mask[..., -1, :]  # what the last prompt token may attend to: every key, unless padding
-    padded = ~last.all() if attention_mask.dtype == torch.bool else (last != 0).any()
-    if bool(padded):
-        raise NotImplementedError(
-            "LeanKCache does not support padded batches (prompts of different lengths): sink, middle and recent "
-            "windows are cache positions, so padding would fall into them. Batch prompts of equal length, or "
-            "generate each prompt on its own."
+    if not triton_available():
+        raise ImportError("backend='triton' needs leank_ref.kernels (and triton); use backend='torch'.")
+    if device is not None and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' runs on CUDA, but the model is on '{torch.device(device).type}': use backend='torch' "
+            "(or 'auto'), move the model to a GPU, or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter."
         )
 
 
-class LeanKAttention:
-    """A LeanK cache's attention: ordinary attention at prefill, LeanK decode attention after it.
+def uses_triton(backend: str, device: torch.device) -> bool:
+    """Whether decode on ``device`` runs the Triton kernel (``auto``: on CUDA when the kernel imports)."""
+    if backend == "auto":
+        return device.type == "cuda" and triton_available()
+    return backend == "triton"
 
-    A ``LeanKCache`` layer announces itself in ``pending`` when the model updates it; this attention, called
-    right after for the same layer, takes it and reads its store. With nothing pending it is plain SDPA.
-    """
 
-    def __init__(self, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend='{backend}' is not one of {BACKENDS}.")
-        if backend == "triton" and not triton_available():
-            raise ImportError("backend='triton' needs leank_ref.kernels (and triton); use backend='torch'.")
-        self.backend = backend
-        self.active = False  # set by the handle while the hook is installed
-        self.pending: tuple[DecodeStore, bool] | None = None  # (layer, is_prefill) of the last cache update
-
-    def uses_triton(self, device: torch.device) -> bool:
-        """Whether decode on ``device`` runs the Triton kernel (``auto``: on CUDA when the kernel imports)."""
-        if self.backend == "auto":
-            return device.type == "cuda" and triton_available()
-        return self.backend == "triton"
-
-    def decode(self, store: DecodeStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Decode attention of one layer: query [B, H, 1, D] -> [B, 1, H, D], reading ``store``."""
-        q = query[:, :, 0]  # [B, H, D]
-        if self.uses_triton(q.device):
-            return leank_decode_layer(store, q, scaling)[:, None]
-        lengths = getattr(store, "lengths", None)
-        return leank_decode_torch(q, store.keys, store.values, store.groups, scaling, lengths)[:, None]
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        store, is_prefill = pending
-        if store.layer_idx != module.layer_idx:
-            raise RuntimeError(
-                f"LeanKCache updated layer {store.layer_idx} but attention ran for layer {module.layer_idx}: another "
-                "attention hook is active inside apply_leank; remove it."
-            )
-        if is_prefill:
-            check_no_padding(attention_mask)
-            return default_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return self.decode(store, query, scaling)
+def decode_attention(store: DecodeStore, q: torch.Tensor, scaling: float, backend: str = "auto") -> torch.Tensor:
+    """One layer's decode attention, q [B, H, D] -> [B, H, D], over ``store`` with ``backend``."""
+    if uses_triton(backend, q.device):
+        return leank_decode_layer(store, q, scaling)
+    return leank_decode_torch(q, store.keys, store.values, store.groups, scaling, getattr(store, "lengths", None))

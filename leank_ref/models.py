@@ -85,8 +85,8 @@ def model_facts(model_or_config) -> ModelFacts:
 
 
 def cache_argument(model) -> str:
-    """The keyword a model's forward (and ``generate``) takes a cache by: ``cache`` (transformers >= 5.2x) or
-    ``past_key_values`` (earlier)."""
+    """The keyword a model's forward (and ``generate``) takes a cache by: ``cache`` (recent transformers 5.x) or
+    ``past_key_values`` (earlier releases, e.g. 5.17)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

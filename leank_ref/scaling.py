@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from leank_ref.models import model_facts
+from leank_ref.windows import Windows
 
 DEFAULT_CONTEXT = 2048  # longest training context of the shipped SmolLM2 recipe
 
@@ -111,9 +112,9 @@ class Recipe:
         """:meth:`train_argv` as the shell command a reader would type."""
         return shlex.join(["python", "-m", "leank_ref", *self.train_argv(*args, **kwargs)])
 
-    def cache_settings(self) -> dict[str, int]:
-        """The keywords :func:`leank_ref.cache.apply_leank` takes from this recipe (sink, recent, block, align)."""
-        return {"sink": self.sink, "recent": self.recent, "block": self.block, "align": self.align}
+    def cache_settings(self) -> dict:
+        """The keywords :func:`leank_ref.cache.apply_leank` takes from this recipe (windows, align)."""
+        return {"windows": Windows(self.sink, self.recent, self.block), "align": self.align}
 
     def as_dict(self) -> dict:
         """All fields, for printing or a JSON file."""

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .attention import use_hook
+from .cache import LeanKAttention
 from .models import cache_argument
 
 
@@ -72,14 +74,15 @@ def greedy_decode(
 ):
     """Greedy decoding with a static LeanK cache: ``input_ids`` [B, P] -> [B, P + max_new_tokens].
 
-    ``cache``: a fresh ``LeanKCache(model, mask, ..., static=True, max_tokens >= P + max_new_tokens)``. The
-    prompt is a normal (eager) forward pass; each new token is one step of fixed shapes, captured once as a CUDA
-    graph and replayed when ``cuda_graph`` (default: on CUDA), or run eagerly (the same code, e.g. on CPU). With
+    ``cache``: a fresh ``LeanKCache(model, mask, windows, static=True, max_tokens >= P + max_new_tokens)``; its
+    attention is bound to the model for the call (:class:`~leank_ref.cache.LeanKAttention`). The prompt is a
+    normal (eager) forward pass; each new token is one step of fixed shapes, captured once as a CUDA graph and
+    replayed when ``cuda_graph`` (default: on CUDA), or run eagerly (the same code, e.g. on CPU). With
     ``output_logits`` it also returns the logits of every new token, [B, max_new_tokens, V].
     """
     b, p = input_ids.shape
     if not getattr(cache, "static", False):
-        raise ValueError("greedy_decode needs LeanKCache(model, mask, ..., static=True, max_tokens=...).")
+        raise ValueError("greedy_decode needs LeanKCache(model, mask, windows, static=True, max_tokens=...).")
     if cache.get_seq_length():
         raise ValueError("greedy_decode needs a fresh cache (this one already holds tokens).")
     if max_new_tokens < 1 or cache.max_tokens < p + max_new_tokens:
@@ -90,27 +93,28 @@ def greedy_decode(
     cuda_graph = input_ids.device.type == "cuda" if cuda_graph is None else cuda_graph
     if cuda_graph and input_ids.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device.")
-    name = cache_argument(model)
-    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache}).logits[:, -1]
-    token = logits.argmax(-1, keepdim=True)  # [B, 1]: static inputs of every step, updated in place
-    position = torch.full((b, 1), p, dtype=torch.long, device=input_ids.device)
-    last = logits.clone()
-    new_tokens, new_logits = [token.clone()], [logits.clone()]
+    with use_hook(model, LeanKAttention(cache)):
+        name = cache_argument(model)
+        logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache}).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)  # [B, 1]: static inputs of every step, updated in place
+        position = torch.full((b, 1), p, dtype=torch.long, device=input_ids.device)
+        last = logits.clone()
+        new_tokens, new_logits = [token.clone()], [logits.clone()]
 
-    step = greedy_step(model, cache, token, position, last)
-    cache.driven = True  # the loop keeps the host counters: a replayed graph runs no Python
-    try:
-        run = step
-        for i in range(max_new_tokens - 1):
-            cache.begin_step()
-            if cuda_graph and i == 0:
-                run = capture_graph(step, [token, position, last] + [layer.lengths for layer in cache.layers])
-            run()
-            cache.end_step()
-            new_tokens.append(token.clone())
-            if output_logits:
-                new_logits.append(last.clone())
-    finally:
-        cache.driven = False
+        step = greedy_step(model, cache, token, position, last)
+        cache.driven = True  # the loop keeps the host counters: a replayed graph runs no Python
+        try:
+            run = step
+            for i in range(max_new_tokens - 1):
+                cache.begin_step()
+                if cuda_graph and i == 0:
+                    run = capture_graph(step, [token, position, last] + [layer.lengths for layer in cache.layers])
+                run()
+                cache.end_step()
+                new_tokens.append(token.clone())
+                if output_logits:
+                    new_logits.append(last.clone())
+        finally:
+            cache.driven = False
     tokens = torch.cat([input_ids, *new_tokens], dim=1)
     return (tokens, torch.stack(new_logits, 1)) if output_logits else tokens

@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaConfig
 
 from leank_ref.attention import SimulatedLeanK, use_hook
-from leank_ref.cache import LeanKCache, apply_leank
+from leank_ref.cache import LeanKAttention, LeanKCache, LeanKPress, apply_leank
 from leank_ref.data import continuation_example
-from leank_ref.decode import LeanKAttention, leank_decode_torch, triton_available
+from leank_ref.decode import decode_attention, leank_decode_torch, triton_available, uses_triton
 from leank_ref.masks import binarize, kept_counts, load_mask
 from leank_ref.memory import memory_formula
 from leank_ref.models import cache_argument
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "masks" / "smollm2-135m_r0.7.pth"
 LLAMA = ROOT / "masks" / "reference" / "llama3.1-8b-instruct.pth"
 SINK, RECENT, BLOCK = 8, 24, 8  # small windows so 28 decode steps cross several compaction boundaries
+WINDOWS = Windows(SINK, RECENT, BLOCK)
 
 
 def r07_test_mask() -> torch.Tensor:
@@ -56,17 +57,13 @@ def effective_recent(n_cached: int) -> int:
 class Recorder:
     """Wraps a cache's LeanK attention and keeps each call's layer, query, new K/V, output and scaling."""
 
-    def __init__(self, inner):
+    def __init__(self, inner: LeanKAttention):
         self.inner = inner
         self.calls = []
 
     @property
-    def pending(self):
-        return self.inner.pending
-
-    @pending.setter
-    def pending(self, value):  # the cache announces its layer to the attention it routes to
-        self.inner.pending = value
+    def cache(self):  # the cache this hook reads: what the cache checks before a decode step
+        return self.inner.cache
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         out = self.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -94,7 +91,7 @@ def test_test_mask_has_the_hard_cases():
 def test_all_ones_mask_generates_the_dense_tokens(model, tokenizer):
     ids = continuation_example(tokenizer, 1024, seed=0).context_ids[None]  # [1, 1024]
     dense = greedy(model, ids, 64)
-    with apply_leank(model, torch.ones(30, 3, 64), sink=16, recent=64, block=32) as lk:
+    with apply_leank(model, torch.ones(30, 3, 64), Windows(16, 64, 32)) as lk:
         leank = greedy(model, ids, 64)
         assert lk.cache.layers[0].middle > 0  # the middle store was really used
     assert torch.equal(dense, leank)
@@ -107,11 +104,10 @@ def test_every_decode_step_equals_simulated_leank(model, tokenizer, mask_name, p
     mask = get_mask(mask_name)
     ids = continuation_example(tokenizer, prompt_len, seed=1).context_ids[None]
     steps = 28  # 4 compaction boundaries for either prompt (block 8)
-    cache = LeanKCache(model, mask, SINK, RECENT, BLOCK, backend="torch")  # no reservation: the middle store grows
-    rec = Recorder(cache.attention)
-    for layer in cache.layers:
-        layer.attention = rec
-    greedy(model, ids, steps, cache)
+    cache = LeanKCache(model, mask, WINDOWS, backend="torch")  # no reservation: the middle store grows
+    rec = Recorder(LeanKAttention(cache))
+    with use_hook(model, rec):
+        greedy(model, ids, steps, cache)
     keys, values = {}, {}  # layer -> every token's K/V [1, G, n, D] as the LeanK model computed them
     checked, compactions, last_recent = 0, 0, None
     for module, q, k_new, v_new, out, scaling in rec.calls:
@@ -140,7 +136,7 @@ def test_block_one_logits_equal_simulation_end_to_end(model, tokenizer):
     """With block=1 the recent window is exactly RECENT, so one SimulatedLeanK forward gives every logit."""
     mask, p, steps = r07_test_mask(), 60, 12
     ids = continuation_example(tokenizer, p, seed=2).context_ids[None]
-    with apply_leank(model, mask, sink=SINK, recent=RECENT, block=1, backend="torch"):
+    with apply_leank(model, mask, Windows(SINK, RECENT, 1), backend="torch"):
         gen = greedy(model, ids, steps, output_logits=True, return_dict_in_generate=True)
     leank_logits = torch.stack(gen.logits, 1)[0]  # [steps, V]: positions p-1 .. p+steps-2
     with use_hook(model, SimulatedLeanK(mask, SINK, RECENT, decode_start=p)), torch.no_grad():
@@ -151,7 +147,7 @@ def test_block_one_logits_equal_simulation_end_to_end(model, tokenizer):
 def test_batch_of_equal_lengths_matches_single_runs_and_padding_is_unsupported(model, tokenizer):
     mask = r07_test_mask()
     prompts = [continuation_example(tokenizer, 100, seed=s).context_ids for s in (3, 4)]
-    with apply_leank(model, mask, sink=SINK, recent=RECENT, block=BLOCK) as lk:
+    with apply_leank(model, mask, WINDOWS) as lk:
         batch = greedy(model, torch.stack(prompts), 16, lk.new_cache())
         singles = [greedy(model, p[None], 16, lk.new_cache())[0] for p in prompts]
         attention_mask = torch.ones(2, 100, dtype=torch.long)
@@ -169,7 +165,8 @@ def filled_cache(
     config = LlamaConfig(
         num_hidden_layers=layers, num_attention_heads=3 * g, num_key_value_heads=g, head_dim=d, hidden_size=3 * g * d
     )  # the cache reads only shapes from its model, so a config stands in for one
-    cache = LeanKCache(config, mask, sink, recent, block, align=min(d // 4, 16), backend="torch", max_tokens=max_tokens)
+    windows = Windows(sink, recent, block)
+    cache = LeanKCache(config, mask, windows, align=min(d // 4, 16), backend="torch", max_tokens=max_tokens)
     gen = torch.Generator().manual_seed(seed)
     first = max(tokens - 20, 1)
     for t in [first] + [1] * (tokens - first):
@@ -272,11 +269,10 @@ def test_triton_backend_matches_torch_backend(tokens):
     mask = r07_test_mask()[:3]
     cache = filled_cache(mask, tokens, torch.float32, batch=2, device=KERNEL_DEVICE)
     gen = torch.Generator().manual_seed(2)
-    torch_path, triton_path = LeanKAttention("torch"), LeanKAttention("triton")
-    assert triton_path.uses_triton(torch.device("cpu")) and not torch_path.uses_triton(torch.device("cpu"))
+    assert uses_triton("triton", torch.device("cpu")) and not uses_triton("torch", torch.device("cpu"))
     for layer in cache.layers:
-        q = torch.randn(2, 9, 1, 64, generator=gen).to(KERNEL_DEVICE)
-        out, ref = triton_path.decode(layer, q, 0.125), torch_path.decode(layer, q, 0.125)
+        q = torch.randn(2, 9, 64, generator=gen).to(KERNEL_DEVICE)
+        out, ref = decode_attention(layer, q, 0.125, "triton"), decode_attention(layer, q, 0.125, "torch")
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -286,7 +282,7 @@ def test_triton_switch_generates_the_torch_tokens(model, tokenizer):
     ids = continuation_example(tokenizer, 40, seed=6).context_ids[None]
     logits = {}
     for backend in ("torch", "triton"):
-        with apply_leank(model, r07_test_mask(), sink=SINK, recent=RECENT, block=BLOCK, backend=backend) as lk:
+        with apply_leank(model, r07_test_mask(), WINDOWS, backend=backend) as lk:
             out = greedy(model, ids, 2, output_logits=True, return_dict_in_generate=True)
             assert lk.cache.layers[0].middle > 0
         logits[backend] = torch.stack(out.logits)
@@ -306,7 +302,9 @@ def test_bad_input_gives_clear_errors(model):
         apply_leank(model, odd)
     for kw in ({"sink": -1}, {"recent": -4}, {"block": 0}):
         with pytest.raises(ValueError, match="need sink >= 0"):
-            apply_leank(model, torch.ones(30, 3, 64), **kw)
+            apply_leank(model, torch.ones(30, 3, 64), Windows(**kw))
+    with pytest.raises(TypeError, match="windows must be"):
+        apply_leank(model, torch.ones(30, 3, 64), (16, 64, 32))
     with pytest.raises(ValueError, match="Unsupported architecture"):
         apply_leank(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), torch.ones(30, 3, 64))
     with pytest.raises(ValueError, match="backend"):
@@ -319,13 +317,13 @@ def test_bad_input_gives_clear_errors(model):
 
 def test_cache_misuse_gives_clear_errors(model, tokenizer):
     ids = continuation_example(tokenizer, 40, seed=5).context_ids[None]
-    cache = LeanKCache(model, torch.ones(30, 3, 64), SINK, RECENT, BLOCK)
+    cache = LeanKCache(model, torch.ones(30, 3, 64), WINDOWS)
     name = cache_argument(model)
     with torch.no_grad():
-        model(ids, **{name: cache})
-        with pytest.raises(NotImplementedError, match="first call"):
+        model(ids, **{name: cache})  # a prompt needs no LeanK attention: ordinary attention
+        with pytest.raises(RuntimeError, match="without its attention"):  # decoding does: refused, not dense
             model(ids[:, :3], **{name: cache})
-        with pytest.raises(ValueError, match="batch size"):
+        with apply_leank(model, torch.ones(30, 3, 64), WINDOWS), pytest.raises(ValueError, match="batch size"):
             model(ids[:, :1].expand(2, 1), **{name: cache})
     assert model.config._attn_implementation == "sdpa"
     model.set_attn_implementation("eager")
@@ -353,3 +351,11 @@ def test_crop_and_batch_selection():
     assert all(torch.equal(g.k, k[[2, 0]]) for g, k in zip(layer.groups, middle_k))
     assert torch.equal(layer.values, full_v[[2, 0]])
     assert layer.keys.shape[0] == 2
+
+
+def test_press_memory_is_readable_before_running_and_equals_a_real_cache():
+    mask = r07_test_mask()
+    press = LeanKPress(mask, Windows(16, 64, 32))  # no model needed
+    cache = filled_cache(mask, 300, torch.float32, sink=16, recent=64, block=32)
+    assert press.memory(300, bytes_per_value=4) == cache.memory_report()
+    assert press.k_saved(300) == pytest.approx(cache.memory_report().k_saved) and 0.3 < press.k_saved(300) < 0.7

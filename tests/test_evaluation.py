@@ -60,7 +60,7 @@ def test_real_cache_gives_the_same_passkey_answers(model, tokenizer):
         sim = generate_rows(model, capture, int(last[0].argmax()), masks, grid, tokenizer, "no stop", max_new_tokens=16)
         for mask, sim_ids in zip(masks, sim):
             with apply_leank(
-                model, mask, sink=grid.windows.sink, recent=grid.windows.recent, block=1, align=ALIGN, backend="torch"
+                model, mask, Windows(grid.windows.sink, grid.windows.recent, 1), align=ALIGN, backend="torch"
             ):
                 out = model.generate(ex.context_ids[None], max_new_tokens=16, do_sample=False)  # a LeanK cache
             real_ids = out[0, ex.length_context :].tolist()

@@ -41,7 +41,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_the_package_the_kernels_and_every_shipped_mask(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"leank_ref/cache.py", "leank_ref/models.py", "leank_ref/kernels/decode_leank.py"} <= names
+    assert {"leank_ref/cache/press.py", "leank_ref/models.py", "leank_ref/kernels/decode_leank.py"} <= names
     shipped = {p.relative_to(ROOT / "masks").as_posix() for p in (ROOT / "masks").rglob("*.pth")}
     assert shipped and {f"leank_ref/_masks/{name}" for name in shipped} <= names
     assert not any(n.startswith(("tests/", "notebooks/", "benchmarks/", "masks/")) for n in names)

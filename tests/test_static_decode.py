@@ -7,14 +7,16 @@ import os
 import pytest
 import torch
 
-from leank_ref.cache import LeanKCache, apply_leank
+from leank_ref.attention import use_hook
+from leank_ref.cache import LeanKAttention, LeanKCache, apply_leank
 from leank_ref.data import continuation_example
 from leank_ref.decode import triton_available
 from leank_ref.masks import binarize
 from leank_ref.models import cache_argument
 from leank_ref.static_decode import greedy_decode
+from leank_ref.windows import Windows
 
-WINDOWS = {"sink": 8, "recent": 24, "block": 8}  # small windows: 20 steps cross two compactions
+WINDOWS = Windows(sink=8, recent=24, block=8)  # small windows: 20 steps cross two compactions
 STEPS = 20
 
 
@@ -29,16 +31,17 @@ def r07_mask() -> torch.Tensor:
 
 def dynamic_generate(model, ids, mask, steps, **kwargs):
     """(tokens, logits [B, steps, V]) of model.generate with the default (growing) LeanK cache."""
-    cache = LeanKCache(model, mask, **WINDOWS, **kwargs)
-    out = model.generate(
-        ids,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **{cache_argument(model): cache},
-    )
+    cache = LeanKCache(model, mask, WINDOWS, **kwargs)
+    with use_hook(model, LeanKAttention(cache)):  # the cache's attention, bound for the call
+        out = model.generate(
+            ids,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **{cache_argument(model): cache},
+        )
     return out.sequences, torch.stack(out.logits, 1), cache
 
 
@@ -53,7 +56,7 @@ def test_static_decoding_equals_the_default_cache(model, tokenizer, prompt_len):
     mask = r07_mask()
     ids = continuation_example(tokenizer, prompt_len, seed=1).context_ids[None]
     tokens, logits, dynamic = dynamic_generate(model, ids, mask, STEPS)
-    static = LeanKCache(model, mask, **WINDOWS, static=True, max_tokens=prompt_len + STEPS)
+    static = LeanKCache(model, mask, WINDOWS, static=True, max_tokens=prompt_len + STEPS)
     seen = []
     original = static.end_step
 
@@ -77,9 +80,11 @@ def test_static_cache_in_plain_generate_and_through_the_handle(model, tokenizer)
     mask = r07_mask()
     ids = continuation_example(tokenizer, 40, seed=2).context_ids[None]
     tokens, _, _ = dynamic_generate(model, ids, mask, 10)
-    lk = apply_leank(model, mask, **WINDOWS)
-    static = lk.new_cache(max_tokens=50, static=True)
-    out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, **{cache_argument(model): static})
+    with apply_leank(model, mask, WINDOWS) as lk:
+        static = lk.new_cache(max_tokens=50, static=True)
+        out = model.generate(
+            ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, **{cache_argument(model): static}
+        )
     assert torch.equal(out, tokens)
     assert static.layers[0].lengths.tolist() == [static.layers[0].n_full, static.layers[0].middle]
 
@@ -111,7 +116,7 @@ def test_static_triton_decoder_reads_the_device_lengths(model, tokenizer):
     ids = continuation_example(tokenizer, 40, seed=6).context_ids[None]
     out = {}
     for backend in ("torch", "triton"):
-        cache = LeanKCache(model, mask, **WINDOWS, static=True, max_tokens=44, backend=backend)
+        cache = LeanKCache(model, mask, WINDOWS, static=True, max_tokens=44, backend=backend)
         out[backend] = greedy_decode(model, ids, 3, cache, output_logits=True)
         assert cache.layers[0].middle > 0
     assert torch.equal(out["triton"][0], out["torch"][0])
@@ -142,9 +147,10 @@ def tiny_llama(device: str):
 def teacher_forced_logits(model, cache, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Logits [B, N, V] for each token after the prompt, feeding ``tokens`` one at a time through ``cache``."""
     name = cache_argument(model)
-    out = [model(tokens[:, :prompt_len], **{name: cache}).logits[:, -1]]
-    for i in range(prompt_len, tokens.shape[1] - 1):
-        out.append(model(tokens[:, i : i + 1], **{name: cache}).logits[:, -1])
+    with use_hook(model, LeanKAttention(cache)):
+        out = [model(tokens[:, :prompt_len], **{name: cache}).logits[:, -1]]
+        for i in range(prompt_len, tokens.shape[1] - 1):
+            out.append(model(tokens[:, i : i + 1], **{name: cache}).logits[:, -1])
     return torch.stack(out, 1)
 
 
@@ -162,7 +168,7 @@ def test_cuda_graph_replay_equals_eager_decoding(backend):
     ids = torch.randint(0, 512, (2, prompt), generator=g).cuda()
 
     def static_cache():
-        return LeanKCache(model, mask, **WINDOWS, static=True, max_tokens=prompt + steps, backend=backend)
+        return LeanKCache(model, mask, WINDOWS, static=True, max_tokens=prompt + steps, backend=backend)
 
     eager = greedy_decode(model, ids, steps, static_cache(), cuda_graph=False, output_logits=True)
     cache = static_cache()
@@ -170,5 +176,5 @@ def test_cuda_graph_replay_equals_eager_decoding(backend):
     assert cache.layers[0].middle >= 96  # several compactions happened between replays
     assert torch.equal(graph[0], eager[0])
     torch.testing.assert_close(graph[1], eager[1], atol=1e-5, rtol=1e-5)
-    forced = teacher_forced_logits(model, LeanKCache(model, mask, **WINDOWS, backend=backend), graph[0], prompt)
+    forced = teacher_forced_logits(model, LeanKCache(model, mask, WINDOWS, backend=backend), graph[0], prompt)
     torch.testing.assert_close(graph[1], forced, atol=1e-4, rtol=1e-4)

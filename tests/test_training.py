@@ -201,14 +201,15 @@ SHIPPED_FACTORS = masks_dir() / "smollm2-135m_stage1_factors.pth"
 def leank_cache_hidden_states(model, example, mask, config) -> torch.Tensor:
     """Final hidden states [n_labels, hidden] of the answer tokens, decoded one token at a time through the real
     LeanK cache (block 1, so the recent window is exactly ``config.recent``), teacher-forced."""
-    from leank_ref.cache import LeanKCache
+    from leank_ref.cache import apply_leank
     from leank_ref.models import cache_argument
+    from leank_ref.windows import Windows
 
     n = example.length_context
     keyword = cache_argument(model.base_model)
-    cache = LeanKCache(model, mask, config.sink, config.recent, block=1, backend="torch")
     states = []
-    with torch.no_grad():
+    with torch.no_grad(), apply_leank(model, mask, Windows(config.sink, config.recent, 1), backend="torch") as lk:
+        cache = lk.new_cache()
         model.base_model(input_ids=example.context_ids[None], use_cache=True, **{keyword: cache})
         for token in example.input_ids[n:]:
             out = model.base_model(input_ids=token.view(1, 1), use_cache=True, **{keyword: cache})
