@@ -5,10 +5,10 @@ before, inside and past the first compaction, in fp32 and bf16, for a mask with 
 import pytest
 import torch
 
-from leank_ref.cache import LeanKCache
+from leank_ref.cache import apply_leank
 from leank_ref.masks import binarize, kept_counts
 from leank_ref.memory import mask_stats, memory_formula
-from leank_ref.models import cache_argument, load_model
+from leank_ref.models import load_model
 from leank_ref.windows import Windows
 
 WINDOWS = Windows(sink=8, recent=24, block=8)
@@ -39,10 +39,9 @@ def test_formula_equals_the_bytes_a_real_cache_holds(model, bf16_model, dtype, p
     lm = model if dtype == torch.float32 else bf16_model
     mask = emptied_mask()
     ids = torch.randint(100, 10_000, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
-    cache = LeanKCache(lm, mask, WINDOWS.sink, WINDOWS.recent, WINDOWS.block, backend="torch")
-    lm.generate(
-        ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **{cache_argument(lm): cache}
-    )
+    with apply_leank(lm, mask, WINDOWS, backend="torch") as press:  # the press makes the cache and binds its attention
+        lm.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    cache = press.cache
     tokens = prompt_len + NEW_TOKENS - 1  # the last new token is returned, not cached
     report = cache.memory_report()
     expected = memory_formula(mask, tokens, WINDOWS, bytes_per_value=torch.finfo(dtype).bits // 8)
