@@ -10,10 +10,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from leank_ref import evaluation, scorecard, training
+from leank_ref import evaluation, scorecard
+from leank_ref.train import cli as train_cli
 
 COMMANDS: dict[str, ModuleType] = {  # command -> module defining add_arguments(parser) and run_command(args)
-    "train": training,
+    "train": train_cli,
     "evaluate": evaluation,
     "scorecard": scorecard,
 }
