@@ -23,7 +23,7 @@ TINY = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )  # head_dim 16, 2 query heads per KV head
 WINDOWS = Windows(sink=4, recent=8, block=1)
-LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-4, 1e-8
+LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-3, 1e-4  # GRAD_ATOL: a share of the largest gradient
 
 
 def tiny_model(model_type: str):
@@ -33,7 +33,7 @@ def tiny_model(model_type: str):
         model_type
     ]
     torch.manual_seed(0)
-    config = config_class(**TINY, vocab_size=128, max_position_embeddings=512, attn_implementation="sdpa")
+    config = config_class(**TINY, vocab_size=128, max_position_embeddings=512, initializer_range=0.3)
     return model_class(config).eval().requires_grad_(False)
 
 
@@ -88,13 +88,15 @@ def test_prefill_once_student_equals_the_full_sequence_student(model_type, varia
     reference = loss_and_grad(lambda s: full_sequence_loss(model, example, s, exclude), factors, scale_fn)
 
     assert reference[0] > 1e-6 and float(reference[1].abs().max()) > 1e-8  # the factors really matter
+    atol = GRAD_ATOL * float(reference[1].abs().max())
     assert ours[0] == pytest.approx(reference[0], rel=LOSS_RTOL)
-    torch.testing.assert_close(ours[1], reference[1], rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    torch.testing.assert_close(ours[1], reference[1], rtol=GRAD_RTOL, atol=atol)
 
-    # The comparison can fail: one token more of recent window changes the loss far beyond the tolerance.
+    # The comparison can fail: one token more of recent window moves loss and gradient far beyond the tolerance.
     wider = settings.replace(windows=Windows(WINDOWS.sink, WINDOWS.recent + 1, 1))
-    other = distillation_loss(model, example, scale_fn(factors), wider).item()
-    assert abs(other - reference[0]) > 100 * LOSS_RTOL * reference[0]
+    other = loss_and_grad(lambda s: distillation_loss(model, example, s, wider), factors, scale_fn)
+    assert abs(other[0] - reference[0]) > 100 * LOSS_RTOL * reference[0]
+    assert float((other[1] - reference[1]).abs().max()) > 10 * (atol + GRAD_RTOL * float(reference[1].abs().max()))
 
 
 @pytest.mark.parametrize("exclude", [False, True])
