@@ -171,7 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
         "profile_one_step_top_ops": profile_step(trainer, examples[worst_task]),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "config": {"sink": config.windows.sink, "recent": config.windows.recent, "reg_weight": config.reg_weight, "lr": config.lr},
+        "config": {
+            "sink": config.windows.sink,
+            "recent": config.windows.recent,
+            "reg_weight": config.reg_weight,
+            "lr": config.lr,
+        },
         "provenance": provenance(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
