@@ -1,6 +1,7 @@
 """Training at the paper's scale on one GPU: seconds per step and peak memory for 8B-class shapes at 8K-96K tokens.
 
     python benchmarks/train_scale.py                       # one GPU; writes benchmarks/results/train_scale.json
+    python benchmarks/train_scale.py --models qwen2.5-7b-shape  # one model; the file keeps the other's rows
     python benchmarks/train_scale.py --cpu-check --out build/train_scale_cpu.json   # tiny configs, seconds, CPU
 
 The models are Llama-3.1-8B and Qwen2.5-7B *shapes*: their published configurations (written out below) with
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_check": args.cpu_check,
         "models": {},
     }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if previous.get("cpu_check") == args.cpu_check:  # keep the other models of an earlier run (--models one by one)
+        result["models"] = {k: v for k, v in previous.get("models", {}).items() if k not in chosen}
     for name in chosen:
         model_type, values = models[name]
         model = build_model(model_type, values, str(device), dtype)
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "stage1": projected_hours(rows, 1, RECIPE["stage1_steps"]),
                 "stage2": projected_hours(rows, 2, RECIPE["stage2_steps"]),
             },
+            "provenance": provenance(device),
         }
         del model
         if device.type == "cuda":
