@@ -16,7 +16,7 @@ from leank_ref.masks import check_shape
 from leank_ref.models import model_facts
 from leank_ref.train.settings import TrainSettings
 
-CHECKPOINT_FORMAT = "leank_ref.training/1"
+CHECKPOINT_FORMAT = "leank_ref.training/2"  # 2: settings stored as TrainSettings fields (windows nested)
 
 
 def save_factors(factors: torch.Tensor, path: str | Path) -> None:
