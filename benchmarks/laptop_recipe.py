@@ -9,7 +9,7 @@ Paths (``--out``, ``--masks``) are relative to the repository root, wherever it 
 1. **Profile.** The parts of one stage-1 step (prefill of a 512-token context, the teacher's answer pass, the
    student's answer pass, the backward pass), CPU and wall seconds, with 1 and with 2 torch threads; then one
    step of the recipe's pooled trainer, whose prefill and teacher pass were done once.
-2. **The recipe.** ``python -m leank_ref train --recipe laptop`` for stage 1, then both stage-2 runs side by side
+2. **The recipe.** ``python -m leank_ref train --preset laptop`` for stage 1, then both stage-2 runs side by side
    (two processes, one thread each), exactly as a reader would type them. Wall minutes per stage and in total;
    the machine's load average is sampled every 5 s while they run (other people's jobs on a shared machine
    inflate every timing: the load says by how much).
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from leank_ref.presets import PRESETS, PooledTrainer
 from leank_ref.provenance import provenance
+from leank_ref.train.settings import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIOS = (0.5, 0.7)
@@ -97,12 +97,15 @@ def _timed(fn):
 def profile(context: int, repeats: int) -> dict:
     """CPU and wall seconds of a stage-1 step's parts with 1 and 2 threads, and of one pooled step."""
     from leank_ref.models import load_model, model_facts
-    from leank_ref.training import TrainConfig, answer_hidden_states, prefill_context, student_hook, training_example
+    from leank_ref.train.data import training_example
+    from leank_ref.train.loss import answer_hidden_states, prefill_context, student_hook
+    from leank_ref.train.settings import TrainSettings
+    from leank_ref.train.trainer import Trainer
 
     model, tokenizer = load_model()
     for p in model.parameters():
         p.requires_grad_(False)
-    config = TrainConfig.for_stage(1, context_min=context, context_max=context, tasks=("kv_retrieval",))
+    config = TrainSettings.for_stage(1, context_min=context, context_max=context, tasks=("kv_retrieval",))
     example = training_example(tokenizer, config, 0)
     scale = torch.nn.Parameter(torch.ones(model_facts(model).mask_shape))  # [L, G, D]
     out: dict = {"context_tokens": context, "answer_tokens": int(len(example.input_ids) - context)}
@@ -129,8 +132,8 @@ def profile(context: int, repeats: int) -> dict:
             "wall_seconds_min": {k: round(min(w for _, w in v), 3) for k, v in parts.items()},
             "load_1min": round(os.getloadavg()[0], 2),
         }
-    torch.set_num_threads(PRESETS["laptop"].threads)
-    trainer = PooledTrainer(model, tokenizer, config, pool=1)
+    torch.set_num_threads(PRESETS["laptop"][1].threads)
+    trainer = Trainer(model, tokenizer, config.replace(pool=1))
     trainer.prepare(progress=False)
     trainer.step()  # warm-up
     _, cpu, wall = _timed(trainer.step)
@@ -143,9 +146,9 @@ def profile(context: int, repeats: int) -> dict:
 
 
 def train_argv(stage: int, masks: Path, ratio: float | None, fast: bool) -> list[str]:
-    """``python -m leank_ref train --recipe laptop ...`` for one stage (``fast``: a few steps on short contexts)."""
+    """``python -m leank_ref train --preset laptop ...`` for one stage (``fast``: a few steps on short contexts)."""
     factors = masks / f"{TAG}_stage1_factors.pth"
-    argv = [sys.executable, "-m", "leank_ref", "train", "--recipe", "laptop", "--stage", str(stage)]
+    argv = [sys.executable, "-m", "leank_ref", "train", "--preset", "laptop", "--stage", str(stage)]
     if stage == 1:
         argv += ["--out", str(factors)]
     else:
@@ -302,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         {
             "benchmark": "laptop_recipe",
-            "what": "python -m leank_ref train --recipe laptop: stage 1, then stage 2 at r = 0.5 and 0.7 side by side",
+            "what": "python -m leank_ref train --preset laptop: stage 1, then stage 2 at r = 0.5 and 0.7 side by side",
             "fast": args.fast,
-            "recipe": PRESETS["laptop"].as_dict(),
-            "threads_per_process": PRESETS["laptop"].threads,
+            "recipe": {f"stage{stage}": settings.as_dict() for stage, settings in PRESETS["laptop"].items()},
+            "threads_per_process": PRESETS["laptop"][1].threads,
             "machine": machine(),
         }
     )

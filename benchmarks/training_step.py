@@ -7,7 +7,7 @@ Run from the repository root (CPU by default; ``--device cuda`` on a GPU):
 
 A stage-1 step (``Trainer.step``) = one no-grad prefill of the context (its K/V cache is shared by both
 passes: context queries never see pruned keys) + the teacher's answer tokens (no grad) + the student's answer
-tokens under ``SimulatedLeanK`` (with grad) + backward + AdamW + clamp. Only the answer tokens (8-32 of them)
+tokens under the student's attention (with grad) + backward + AdamW + clamp. Only the answer tokens (8-32 of them)
 run twice, so the step should cost little more than the prefill; the target is <= 2.5x.
 
 For each task of the training mixture, one example with exactly ``--context`` context tokens is built; the
@@ -33,13 +33,9 @@ import torch
 from leank_ref.data import TASKS, make_example
 from leank_ref.models import load_model
 from leank_ref.provenance import provenance
-from leank_ref.training import (
-    TrainConfig,
-    Trainer,
-    answer_hidden_states,
-    prefill_context,
-    student_hook,
-)
+from leank_ref.train.loss import answer_hidden_states, prefill_context, student_hook
+from leank_ref.train.settings import TrainSettings
+from leank_ref.train.trainer import Trainer
 
 TARGET = 2.5  # a stage-1 step costs at most this many no-grad prefills of the same context
 
@@ -60,7 +56,7 @@ def timed(fn, device: torch.device) -> float:
 
 def step_parts(trainer: Trainer, example, device: torch.device) -> dict[str, float]:
     """Seconds of each part of one stage-1 step, run by hand in the order ``Trainer.step`` runs them."""
-    model, cfg, factors = trainer.model, trainer.config, trainer.factors
+    model, cfg, factors = trainer.model, trainer.settings, trainer.factors
     parts: dict[str, float] = {}
     _sync(device)
     t0 = time.perf_counter()
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, tokenizer = load_model(device=device)
-    config = TrainConfig.for_stage(1, context_min=args.context, context_max=args.context)
+    config = TrainSettings.for_stage(1, context_min=args.context, context_max=args.context)
     trainer = Trainer(model, tokenizer, config)
     examples = {task: make_example(task, tokenizer, args.context, seed=0) for task in args.tasks}
 
@@ -175,7 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
         "profile_one_step_top_ops": profile_step(trainer, examples[worst_task]),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "config": {"sink": config.sink, "recent": config.recent, "reg_weight": config.reg_weight, "lr": config.lr},
+        "config": {
+            "sink": config.windows.sink,
+            "recent": config.windows.recent,
+            "reg_weight": config.reg_weight,
+            "lr": config.lr,
+        },
         "provenance": provenance(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

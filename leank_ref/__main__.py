@@ -23,18 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {  # command -> (module with add_argument
         "The paper's claims beside the numbers measured here, read from a checkout's result files.",
     ),
 }
-FALLBACK = {"leank_ref.train.cli": "leank_ref.training"}  # where a command lived before its module moved
 
 
 def command_module(name: str):
     """Import the module of command ``name`` (see ``COMMANDS``)."""
-    path = COMMANDS[name][0]
-    try:
-        return importlib.import_module(path)
-    except ModuleNotFoundError as e:  # only the command's own module missing falls back; a missing dependency raises
-        if path not in FALLBACK or e.name is None or not path.startswith(e.name):
-            raise
-        return importlib.import_module(FALLBACK[path])
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

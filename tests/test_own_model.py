@@ -1,10 +1,12 @@
 """The own-model path end to end on tiny randomly initialised Llama and Qwen2 checkpoints saved to a folder.
 
-Observe (channel importance), train both stages through the command line with a :class:`Recipe` scaled for
-the model, binarize, generate with the pruned cache, measure its memory: the steps of notebook 07.
+Observe (channel importance), train both stages through the command line with settings scaled for the model
+(``TrainSettings.for_model``), binarize, generate with the pruned cache, measure its memory: the steps of notebook 07.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -15,9 +17,9 @@ from leank_ref.data import passkey_example
 from leank_ref.masks import binarize, kept_counts, load_mask
 from leank_ref.memory import mask_stats, memory_formula
 from leank_ref.models import default_model_path, load_model, model_facts
-from leank_ref.scaling import Recipe
 from leank_ref.sparsity import capture_importance
-from leank_ref.training import load_factors
+from leank_ref.train.checkpoint import load_factors
+from leank_ref.train.settings import TrainSettings
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -46,30 +48,32 @@ def tiny_model_dir(request, tmp_path_factory):
     return folder
 
 
-def tiny_recipe(model) -> Recipe:
-    """The smallest recipe the data templates allow (160-256-token contexts), a few steps per stage."""
-    return Recipe.for_model(model, context_max=256, context_min=160, ratio=0.5, stage1_steps=3, stage2_steps=2)
+def tiny_recipe(model) -> tuple[TrainSettings, TrainSettings]:
+    """The smallest settings the data templates allow (160-256-token contexts), a few steps per stage."""
+    stage1 = TrainSettings.for_model(model, context_max=256, context_min=160, steps=3)
+    return stage1, stage1.with_stage(2, ratio=0.5, steps=2)
 
 
 def test_recipe_for_smollm2_is_the_shipped_default():
     """The scaling rule reproduces the defaults the shipped SmolLM2 masks were trained with."""
-    from leank_ref.training import TrainConfig
-
     config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
-    recipe = Recipe.for_model(_Config(num_hidden_layers=30, max_position_embeddings=8192, **config))
-    shipped = TrainConfig()
-    assert (recipe.align, recipe.sink, recipe.recent) == (shipped.align, shipped.sink, shipped.recent)
-    assert (recipe.context_min, recipe.context_max, recipe.block) == (shipped.context_min, shipped.context_max, 32)
+    recipe = TrainSettings.for_model(_Config(num_hidden_layers=30, max_position_embeddings=8192, **config))
+    shipped = TrainSettings()
+    assert (recipe.align, recipe.windows.sink, recipe.windows.recent) == (16, 16, 64)
+    assert (recipe.align, recipe.windows) == (shipped.align, shipped.windows)
+    assert (recipe.context_min, recipe.context_max) == (shipped.context_min, shipped.context_max)
+    assert recipe.windows.block == 32
+    assert recipe == shipped  # every other field at its default too
 
 
 def test_recipe_rejects_settings_that_cannot_work():
     config = _Config(model_type="llama", num_attention_heads=4, hidden_size=64, num_hidden_layers=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        Recipe.for_model(config, context_max=4096)
+        TrainSettings.for_model(config, context_max=4096)
     with pytest.raises(ValueError, match="no middle tokens"):
-        Recipe.for_model(config, context_max=64, context_min=12)
+        TrainSettings.for_model(config, context_max=64, context_min=12)
     with pytest.raises(ValueError, match="pass factors="):
-        Recipe.for_model(config).train_argv(2, "model", "out.pth")
+        TrainSettings.for_model(config, stage=2, ratio=0.7).argv("model", "out.pth")
 
 
 def test_own_model_end_to_end(tiny_model_dir, tmp_path):
@@ -83,11 +87,13 @@ def test_own_model_end_to_end(tiny_model_dir, tmp_path):
     assert importance.shape == facts.mask_shape and bool((importance >= 0).all())
 
     # Train both stages through the command line.
-    recipe = tiny_recipe(model)
+    stage1, recipe = tiny_recipe(model)
     factors_path, mask_path = tmp_path / "factors.pth", tmp_path / "mask.pth"
-    assert main(recipe.train_argv(1, tiny_model_dir, factors_path) + ["--no-progress", "--device", "cpu"]) == 0
-    argv = recipe.train_argv(2, tiny_model_dir, mask_path, factors=factors_path) + ["--no-progress", "--device", "cpu"]
+    assert main(stage1.argv(tiny_model_dir, factors_path) + ["--no-progress", "--device", "cpu"]) == 0
+    argv = recipe.argv(tiny_model_dir, mask_path, factors=factors_path) + ["--no-progress", "--device", "cpu"]
     assert main(argv) == 0
+    meta = json.loads(mask_path.with_suffix(".json").read_text())
+    assert TrainSettings(**meta["settings"]) == recipe  # the command line ran exactly these settings
     factors = load_factors(factors_path, facts.mask_shape)
     mask = load_mask(mask_path, facts.mask_shape, recipe.align)
 

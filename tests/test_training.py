@@ -9,21 +9,19 @@ import torch
 from leank_ref.attention import SimulatedLeanK, use_hook
 from leank_ref.masks import binarize, kept_counts, load_mask, validate_mask
 from leank_ref.models import masks_dir
-from leank_ref.training import (
-    TrainConfig,
-    Trainer,
-    TrapezoidSchedule,
+from leank_ref.train.checkpoint import load_factors, save_factors
+from leank_ref.train.data import held_out_examples, training_example
+from leank_ref.train.loss import (
     answer_hidden_states,
     distillation_loss,
     evaluate_scales,
-    held_out_examples,
-    load_factors,
     prefill_context,
-    save_factors,
     straight_through,
     student_hook,
-    training_example,
 )
+from leank_ref.train.schedule import TrapezoidSchedule
+from leank_ref.train.settings import TrainSettings
+from leank_ref.train.trainer import Trainer
 
 SHAPE = (30, 3, 64)
 SHORT = {"context_min": 256, "context_max": 256}  # short contexts keep each step well under a second
@@ -63,7 +61,7 @@ def test_trapezoid_schedule_matches_the_authors_formula():
 
 
 def test_shared_prefill_equals_two_full_passes(model, tokenizer):
-    config = TrainConfig.for_stage(1, context_min=300, context_max=300)
+    config = TrainSettings.for_stage(1, context_min=300, context_max=300)
     example = training_example(tokenizer, config, 0)
     n = example.length_context
     factors = random_factors(1).requires_grad_(True)
@@ -75,7 +73,7 @@ def test_shared_prefill_equals_two_full_passes(model, tokenizer):
     ids = example.input_ids[None]  # [1, T]
     with torch.no_grad():
         teacher = model.base_model(input_ids=ids).last_hidden_state[0, n:]
-    hook = SimulatedLeanK(factors, config.sink, config.recent, decode_start=n, exclude_zero_heads=False)
+    hook = SimulatedLeanK(factors, config.windows.sink, config.windows.recent, decode_start=n, exclude_zero_heads=False)
     with use_hook(model, hook):
         student = model.base_model(input_ids=ids).last_hidden_state[0, n:]
     full = (student - teacher).pow(2).mean(-1).mean()
@@ -87,7 +85,7 @@ def test_shared_prefill_equals_two_full_passes(model, tokenizer):
 
 
 def test_five_stage1_steps_lower_the_loss_and_the_mean_factor(model, tokenizer):
-    config = TrainConfig.for_stage(1, steps=5, **SHORT)
+    config = TrainSettings.for_stage(1, steps=5, **SHORT)
     trainer = Trainer(model, tokenizer, config)
     start = trainer.factors.detach().cpu().clone()
     result = trainer.run(progress=False)
@@ -107,7 +105,7 @@ def test_five_stage1_steps_lower_the_loss_and_the_mean_factor(model, tokenizer):
 
 
 def test_stage2_recomputes_an_aligned_mask_and_pruned_channels_still_learn(model, tokenizer):
-    config = TrainConfig.for_stage(2, steps=2, ratio=0.7, align=16, **SHORT)
+    config = TrainSettings.for_stage(2, steps=2, ratio=0.7, align=16, **SHORT)
     trainer = Trainer(model, tokenizer, config, random_factors(2))
     first_mask = trainer.current_mask()
     before = trainer.factors.detach().clone()
@@ -125,7 +123,7 @@ def test_stage2_recomputes_an_aligned_mask_and_pruned_channels_still_learn(model
 
 
 def test_resumed_run_equals_an_uninterrupted_one(model, tokenizer, tmp_path):
-    config = TrainConfig.for_stage(2, steps=4, ratio=0.5, **SHORT)
+    config = TrainSettings.for_stage(2, steps=4, ratio=0.5, **SHORT)
     whole = Trainer(model, tokenizer, config, random_factors(3)).run(progress=False)
 
     path = tmp_path / "run.ckpt"
@@ -142,17 +140,17 @@ def test_resumed_run_equals_an_uninterrupted_one(model, tokenizer, tmp_path):
 def test_bad_inputs_raise_errors_that_name_the_fix(model, tokenizer, tmp_path):
     for ratio in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
-            Trainer(model, tokenizer, TrainConfig.for_stage(2, ratio=ratio), random_factors())
+            Trainer(model, tokenizer, TrainSettings.for_stage(2, ratio=ratio), random_factors())
     with pytest.raises(ValueError, match="must divide head_dim=64"):
-        Trainer(model, tokenizer, TrainConfig.for_stage(1, align=12))
+        Trainer(model, tokenizer, TrainSettings.for_stage(1, align=12))
     with pytest.raises(ValueError, match="stage 2 needs ratio"):
-        Trainer(model, tokenizer, TrainConfig.for_stage(2), random_factors())
+        Trainer(model, tokenizer, TrainSettings.for_stage(2), random_factors())
     with pytest.raises(ValueError, match="pass factors="):
-        Trainer(model, tokenizer, TrainConfig.for_stage(2, ratio=0.5))
+        Trainer(model, tokenizer, TrainSettings.for_stage(2, ratio=0.5))
     with pytest.raises(ValueError, match=r"shape \[30, 3, 128\] but the model needs \[30, 3, 64\]"):
-        Trainer(model, tokenizer, TrainConfig.for_stage(1), torch.ones(30, 3, 128))
+        Trainer(model, tokenizer, TrainSettings.for_stage(1), torch.ones(30, 3, 128))
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
-        Trainer(model, tokenizer, TrainConfig.for_stage(1), random_factors() * 3)
+        Trainer(model, tokenizer, TrainSettings.for_stage(1), random_factors() * 3)
 
     factors_path = tmp_path / "factors.pth"
     save_factors(random_factors(), factors_path)
@@ -161,11 +159,11 @@ def test_bad_inputs_raise_errors_that_name_the_fix(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="the model needs"):
         load_factors(factors_path, (32, 8, 128))
 
-    config = TrainConfig.for_stage(1, steps=3, **SHORT)
+    config = TrainSettings.for_stage(1, steps=3, **SHORT)
     checkpoint = tmp_path / "run.ckpt"
     Trainer(model, tokenizer, config).save_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="other settings .*lr: 0.02 -> 0.05"):
-        Trainer(model, tokenizer, TrainConfig.for_stage(1, steps=3, lr=0.05, **SHORT)).load_checkpoint(checkpoint)
+        Trainer(model, tokenizer, TrainSettings.for_stage(1, steps=3, lr=0.05, **SHORT)).load_checkpoint(checkpoint)
     state = torch.load(checkpoint, weights_only=True)
     state["model"]["mask_shape"] = [32, 8, 128]
     torch.save(state, checkpoint)
@@ -192,7 +190,7 @@ def test_command_line_writes_factors_mask_metadata_and_log(tmp_path):
     mask = load_mask(mask_path, SHAPE, align=16)
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["mask"]["pruned_ratio"] == pytest.approx(1 - float(mask.mean()))
-    assert meta["config"]["lr"] == 0.01 and meta["config"]["reg_weight"] == 0.0  # the authors' stage-2 values
+    assert meta["settings"]["lr"] == 0.01 and meta["settings"]["reg_weight"] == 0.0  # the authors' stage-2 values
 
 
 SHIPPED_FACTORS = masks_dir() / "smollm2-135m_stage1_factors.pth"
@@ -208,7 +206,10 @@ def leank_cache_hidden_states(model, example, mask, config) -> torch.Tensor:
     n = example.length_context
     keyword = cache_argument(model.base_model)
     states = []
-    with torch.no_grad(), apply_leank(model, mask, Windows(config.sink, config.recent, 1), backend="torch") as lk:
+    with (
+        torch.no_grad(),
+        apply_leank(model, mask, Windows(config.windows.sink, config.windows.recent, 1), backend="torch") as lk,
+    ):
         cache = lk.new_cache()
         model.base_model(input_ids=example.context_ids[None], use_cache=True, **{keyword: cache})
         for token in example.input_ids[n:]:
@@ -219,7 +220,7 @@ def leank_cache_hidden_states(model, example, mask, config) -> torch.Tensor:
 
 
 def test_deployed_stage2_forward_equals_the_leank_cache_and_the_authors_one_does_not(model, tokenizer):
-    config = TrainConfig.for_stage(2, ratio=0.7, context_min=300, context_max=300, tasks=("passkey",))
+    config = TrainSettings.for_stage(2, ratio=0.7, context_min=300, context_max=300, tasks=("passkey",))
     example = training_example(tokenizer, config, 0)
     factors = load_factors(SHIPPED_FACTORS, SHAPE).requires_grad_(True)
     mask = binarize(factors.detach(), 0.7, 16)
@@ -229,7 +230,7 @@ def test_deployed_stage2_forward_equals_the_leank_cache_and_the_authors_one_does
     deployed = answer_hidden_states(
         model, cache, example, student_hook(straight_through(factors, mask, hard=True), example, config)
     )
-    authors_config = TrainConfig.for_stage(2, ratio=0.7, variant="authors")
+    authors_config = TrainSettings.for_stage(2, ratio=0.7, variant="authors")
     authors = answer_hidden_states(
         model, cache, example, student_hook(straight_through(factors, mask), example, authors_config)
     )
@@ -244,7 +245,7 @@ def test_deployed_stage2_forward_equals_the_leank_cache_and_the_authors_one_does
 def test_short_deployed_stage2_run_changes_the_mask_and_lowers_the_deployed_loss(model, tokenizer):
     # From random factors (a poor mask) six steps must cut the deployed loss by a wide margin. From the shipped
     # stage-1 factors the change in six steps is a few percent, and its sign flipped between torch builds.
-    config = TrainConfig.for_stage(2, steps=6, ratio=0.7, lr=0.02, **SHORT)
+    config = TrainSettings.for_stage(2, steps=6, ratio=0.7, lr=0.02, **SHORT)
     assert config.variant == "deployed"  # the default
     trainer = Trainer(model, tokenizer, config, random_factors(4))
     start = trainer.current_mask()

@@ -1,0 +1,272 @@
+"""Training at the paper's scale on one GPU: seconds per step and peak memory for 8B-class shapes at 8K-96K tokens.
+
+    python benchmarks/train_scale.py                       # one GPU; writes benchmarks/results/train_scale.json
+    python benchmarks/train_scale.py --models qwen2.5-7b-shape  # one model; the file keeps the other's rows
+    python benchmarks/train_scale.py --cpu-check --out build/train_scale_cpu.json   # tiny configs, seconds, CPU
+
+The models are Llama-3.1-8B and Qwen2.5-7B *shapes*: their published configurations (written out below) with
+random bf16 weights, since no 8B weights are available offline. Time and memory depend on the shapes only, so
+the figures hold for the real checkpoints; the losses do not mean anything. The examples are random token ids:
+a context of N tokens and ``--answer`` answer tokens, all labelled.
+
+Each step is what ``Trainer.step`` runs, timed in parts (CUDA-synchronised): the no-grad prefill of the context,
+the teacher's answer pass, the student's answer pass (with grad), its backward pass and the optimizer step;
+stage 2 adds the binarization. The whole ``Trainer.step`` is timed too. Peak memory is
+``torch.cuda.max_memory_allocated`` over one step, weights included. Settings are the authors': windows
+``AUTHORS_TRAIN`` (sink 128, recent 1024), alignment 32, ratio 0.7 in stage 2.
+
+The authors' recipe (Zhang et al., 2025, App. B) is 2000 stage-1 steps and 200 stage-2 steps on contexts of
+4K-96K tokens. Its projected wall time is the step count times the mean step time over that range, with the
+step time interpolated linearly between the measured lengths (and held at the 8K value below 8K).
+The step time used is the whole ``Trainer.step``.
+A part that runs out of memory is recorded as such with its length, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from leank_ref.data import Example
+from leank_ref.masks import binarize
+from leank_ref.models import model_facts
+from leank_ref.provenance import provenance
+from leank_ref.train.loss import Prefilled, answer_hidden_states, prefill_context, straight_through, student_loss
+from leank_ref.train.settings import TrainSettings
+from leank_ref.train.trainer import Trainer
+from leank_ref.windows import AUTHORS_TRAIN, Windows
+
+# Published configurations (config.json of meta-llama/Llama-3.1-8B-Instruct and Qwen/Qwen2.5-7B-Instruct).
+LLAMA_3_1_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=False,
+)
+QWEN_2_5_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=131072,  # the card reaches 128K with YaRN (factor 4 over 32768); RoPE cost is the same
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODELS = {"llama-3.1-8b-shape": ("llama", LLAMA_3_1_8B), "qwen2.5-7b-shape": ("qwen2", QWEN_2_5_7B)}
+CPU_MODELS = {
+    "tiny-llama": ("llama", {**LLAMA_3_1_8B, **TINY, "vocab_size": 512}),
+    "tiny-qwen2": ("qwen2", {**QWEN_2_5_7B, **TINY, "vocab_size": 512}),
+}
+RECIPE = {"stage1_steps": 2000, "stage2_steps": 200, "context_min": 4000, "context_max": 96000}
+
+
+def build_model(model_type: str, values: dict, device: str, dtype: torch.dtype):
+    """A randomly initialised model of this configuration, made directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        model_type
+    ]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(config_class(**values), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def random_example(vocab: int, context: int, answer: int) -> Example:
+    ids = torch.randint(0, vocab, (context + answer,), generator=torch.Generator().manual_seed(context))
+    labels = ids.clone()
+    labels[:context] = -100
+    return Example(ids, context, labels, answer="", task="random")
+
+
+class Clock:
+    """Wall seconds between marks, synchronising CUDA first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self.now()
+        lap, self.last = now - self.last, now
+        return lap
+
+
+def step_parts(trainer: Trainer, example: Example, chunk: int) -> dict[str, float]:
+    """One step of ``trainer`` on ``example``, run part by part in the order ``Trainer.step`` runs them."""
+    s, model, device = trainer.settings, trainer.model, trainer.factors.device
+    clock = Clock(device)
+    cache = prefill_context(model, example, chunk)
+    parts = {"prefill": clock.lap()}
+    with torch.no_grad():
+        ready = Prefilled(example, cache, answer_hidden_states(model, cache, example))
+    parts["teacher_answer"] = clock.lap()
+    mask = None
+    if s.stage == 2:
+        mask = binarize(trainer.factors.detach(), s.ratio, s.align)
+        parts["binarize"] = clock.lap()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    scale = trainer.factors if mask is None else straight_through(trainer.factors, mask, hard=True)
+    loss = student_loss(model, ready, scale, s) + s.reg_weight * trainer.factors.abs().mean()
+    parts["student_answer"] = clock.lap()
+    loss.backward()
+    parts["backward"] = clock.lap()
+    trainer.optimizer.step()
+    with torch.no_grad():
+        trainer.factors.clamp_(0.0, 1.0)
+    parts["optimizer"] = clock.lap()
+    return parts
+
+
+def measure(model, context: int, stage: int, args, device: torch.device, windows: Windows, align: int) -> dict:
+    """Median part times, the whole ``Trainer.step`` and the peak memory of one stage at one context length."""
+    vocab = model.config.vocab_size
+    example = random_example(vocab, context, args.answer)
+    settings = TrainSettings.for_stage(
+        stage, windows=windows, align=align, context_min=context, context_max=context, prefill_chunk=args.prefill_chunk
+    )
+    shape = model_facts(model).mask_shape  # [L, G, D]
+    if stage == 2:
+        settings = settings.replace(ratio=0.7)
+        factors = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    else:
+        factors = None
+    trainer = Trainer(model, None, settings, factors)
+    row: dict = {"context": context, "stage": stage}
+    try:
+        step_parts(trainer, example, args.prefill_chunk)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = [step_parts(trainer, example, args.prefill_chunk) for _ in range(args.repeats)]
+        if device.type == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["seconds"] = {k: round(sorted(r[k] for r in runs)[len(runs) // 2], 4) for k in runs[0]}
+        clock = Clock(device)
+        trainer.step(example)
+        row["trainer_step_seconds"] = round(clock.lap(), 4)
+    except torch.cuda.OutOfMemoryError as error:
+        row["out_of_memory"] = str(error).splitlines()[0]
+    finally:
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def projected_hours(rows: list[dict], stage: int, steps: int) -> float | None:
+    """Steps x mean step time over uniform contexts in the recipe's range (linear between measured lengths)."""
+    points = sorted((r["context"], r["trainer_step_seconds"]) for r in rows if r["stage"] == stage and "seconds" in r)
+    if len(points) < 2 or any(r["stage"] == stage and "out_of_memory" in r for r in rows):
+        return None
+    lengths = range(RECIPE["context_min"], RECIPE["context_max"] + 1, 1000)
+
+    def at(n: float) -> float:  # linear between measured lengths, held at the nearest one outside them
+        for (a, ta), (b, tb) in zip(points, points[1:]):
+            if n <= b:
+                return ta + (tb - ta) * (min(max(n, a), b) - a) / (b - a)
+        return points[-1][1]
+
+    return round(steps * sum(at(n) for n in lengths) / len(lengths) / 3600, 3)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 8192 32768 65536 98304)")
+    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(MODELS)}")
+    parser.add_argument("--answer", type=int, default=32, help="answer tokens per example (default 32)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per setting after a warm-up (default 2)")
+    parser.add_argument("--prefill-chunk", type=int, default=0, help="context tokens per prefill forward (0: all)")
+    parser.add_argument("--cpu-check", action="store_true", help="tiny configs on the CPU: checks the script runs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_scale.json"))
+    args = parser.parse_args(argv)
+
+    if args.cpu_check:
+        device, dtype, models = torch.device("cpu"), torch.float32, CPU_MODELS
+        contexts, windows, align = args.contexts or [256, 512], Windows(8, 32, 1), 4
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("this benchmark needs a CUDA GPU; run it with --cpu-check to check it on the CPU.")
+        device, dtype, models = torch.device("cuda"), torch.bfloat16, MODELS
+        contexts, windows, align = args.contexts or [8192, 32768, 65536, 98304], AUTHORS_TRAIN, 32
+    chosen = args.models or list(models)
+    unknown = [m for m in chosen if m not in models]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose among {list(models)}.")
+
+    result: dict = {
+        "benchmark": "train_scale",
+        "what": "one training step per stage (prefill-once student), parts timed, peak GPU memory; one GPU",
+        "weights": "random, built from the published configurations (no 8B weights offline): times and memory "
+        "depend on the shapes only",
+        "data": f"random token ids, {args.answer} answer tokens per example",
+        "dtype": str(dtype).removeprefix("torch."),
+        "settings": {
+            "windows": vars(windows),
+            "align": align,
+            "stage2_ratio": 0.7,
+            "prefill_chunk": args.prefill_chunk,
+        },
+        "recipe": RECIPE,
+        "cpu_check": args.cpu_check,
+        "models": {},
+    }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if previous.get("cpu_check") == args.cpu_check:  # keep the other models of an earlier run (--models one by one)
+        result["models"] = {k: v for k, v in previous.get("models", {}).items() if k not in chosen}
+    for name in chosen:
+        model_type, values = models[name]
+        model = build_model(model_type, values, str(device), dtype)
+        rows = []
+        for context in contexts:
+            for stage in (1, 2):
+                rows.append(measure(model, context, stage, args, device, windows, align))
+                print(name, json.dumps(rows[-1]), flush=True)
+        result["models"][name] = {
+            "config": values,
+            "parameters_billion": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+            "rows": rows,
+            "projected_recipe_hours": {
+                "stage1": projected_hours(rows, 1, RECIPE["stage1_steps"]),
+                "stage2": projected_hours(rows, 2, RECIPE["stage2_steps"]),
+            },
+            "provenance": provenance(device),
+        }
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["provenance"] = provenance(device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
