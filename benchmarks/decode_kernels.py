@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root:
 
-    python benchmarks/decode_kernels.py --out DIR --commit $(git rev-parse HEAD) [--sweep]
+    python benchmarks/decode_kernels.py --out DIR [--sweep]
 
 What it measures, in one process:
 1. the device-to-device copy bandwidth (bytes read + written), the ceiling for memory-bound code;
@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from leank_ref.attention import simulate_newest_query
 from leank_ref.decode import leank_decode_torch
 from leank_ref.layout import HeadGroups, leank_layout_from_dense
+from leank_ref.provenance import provenance
 from leank_ref.windows import Windows
 
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
@@ -377,7 +378,6 @@ def main() -> None:
     """Parse arguments, run every phase, write the JSON, print a summary table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for decode_kernels.json")
-    parser.add_argument("--commit", default="unknown", help="git commit of the code (git rev-parse HEAD)")
     parser.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
     parser.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
@@ -395,7 +395,7 @@ def main() -> None:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": args.commit,
+        "provenance": provenance("cuda"),
         "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK, "recent": N_RECENT},
         "mask": MASK,
         "layers": "all 32 layers of the mask; every method's total is one decode step's attention over 32 layers",
