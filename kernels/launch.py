@@ -100,12 +100,17 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (2 for the interpreter on a CPU: a few programs keep CPU runs short)."""
+    return _sm_count(device.index if device.type == "cuda" else None)
+
+
 def plan_splits(
     n_tokens: int, rows: int, device: torch.device, config: DecodeConfig, num_splits: int | None = None
 ) -> tuple[int, int]:
     """Return (splits, tokens_per_split) for `rows` (sequence, head) pairs; no split is empty."""
     if num_splits is None:
-        sms = _sm_count(device.index if device.type == "cuda" else None)
+        sms = sm_count(device)
         want = max(1, -(-config.programs_per_sm * sms // rows))
         want = min(want, max(1, -(-n_tokens // config.min_tokens_per_split)))
         per_split = -(-n_tokens // want)

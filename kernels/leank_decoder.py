@@ -7,6 +7,8 @@ is built; a call checks the lengths, binds the tensors and launches :func:`leank
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -22,8 +24,9 @@ from .launch import (
     check_last_dim_contiguous,
     check_runnable,
     dot_precision,
-    plan_splits,
+    sm_count,
 )
+from .leank_kernel import META_HEADS, META_PROGRAMS, META_SPLITS
 
 MAX_GROUPS = 8  # distinct kept counts per layer one launch serves (D / 16 for D = 128)
 
@@ -39,6 +42,36 @@ def check_kernel_counts(heads: HeadGroups) -> None:
     for c in counts:
         if c % MIN_KEPT != 0 or c > D:
             raise ValueError(f"a group keeps c={c} channels: c must be a multiple of {MIN_KEPT} and at most D={D}")
+
+
+def plan_layer_splits(
+    heads: HeadGroups, batch: int, max_full: int, max_middle: int, device: torch.device, config: DecodeConfig
+) -> tuple[int, list[int]]:
+    """Split counts of the full window and of each group's middle, sized by the bytes each program moves.
+
+    A full-window token costs 2 D values (K and V), a middle token of a group keeping c channels c + D. The
+    launch's bytes are cut into programs of at most U bytes, U chosen so that all of them together amount to
+    no more than ``config.programs_per_sm`` programs of U bytes per multiprocessor: with that a multiple of how
+    many programs fit on one at a time, the programs fill whole waves and none is left running alone at the end.
+    Every split is whole blocks long and, unless its part is shorter, has ``config.min_tokens_per_split`` tokens.
+    """
+    D, G = heads.head_dim, heads.num_kv_heads
+    parts = [(batch * G, max(max_full, 1), 2 * D)]
+    parts += [(batch * h.numel(), max(max_middle, 1), c + D) for h, c in zip(heads.kv_heads, heads.counts)]
+    total = sum(rows * tokens * width for rows, tokens, width in parts)
+    target = config.programs_per_sm * sm_count(device)
+    limit = total / target  # bytes (in values) per program
+    for _ in range(32):
+        splits, largest = [], 0
+        for _rows, tokens, width in parts:
+            want = min(math.ceil(tokens * width / limit), math.ceil(tokens / config.min_tokens_per_split))
+            per = math.ceil(math.ceil(tokens / max(want, 1)) / config.block_n) * config.block_n  # whole blocks
+            splits.append(math.ceil(tokens / per))
+            largest = max(largest, min(per, tokens) * width)
+        if total <= target * largest:  # the programs fit in `target` programs of the largest one's size
+            break
+        limit *= 1.02
+    return splits[0], splits[1:]
 
 
 def _merge_block_s(gp: int) -> int:
@@ -89,17 +122,16 @@ class LeanKDecoder:
         self.max_full, self.max_middle = max_full, max_middle
         self.config = config
         self.qk_scale = (D**-0.5 if scale is None else scale) * LOG2E
-        gm = heads.middle_heads
-        self.full_splits, _ = plan_splits(max(max_full, 1), batch * G, device, config)
-        self.mid_splits = plan_splits(max(max_middle, 1), batch * gm, device, config)[0] if gm else 1
-        s_total = self.full_splits + (self.mid_splits if gm else 0)
-        self.meta, self.chan = self._metadata(heads)
+        self.full_splits, self.mid_splits = plan_layer_splits(heads, batch, max_full, max_middle, device, config)
+        s_total = self.full_splits + max(self.mid_splits, default=0)
+        self.meta, self.chan = self._metadata(heads, batch, self.mid_splits)
         self.meta, self.chan = self.meta.to(device), self.chan.to(device)
         self.o_part = torch.empty(batch, num_heads, s_total, D, device=device, dtype=torch.float32)
         self.lse_part = torch.empty(batch, num_heads, s_total, device=device, dtype=torch.float32)
         self.count = torch.zeros(batch * G, device=device, dtype=torch.int32)  # the kernel leaves it at 0
         self.out = torch.empty(batch, num_heads, D, device=device, dtype=dtype)
-        self.grid = (batch * G * self.full_splits + (batch * gm * self.mid_splits),)
+        mid_programs = sum(batch * h.numel() * n for h, n in zip(heads.kv_heads, self.mid_splits))
+        self.grid = (batch * G * self.full_splits + mid_programs,)
         group = num_heads // G
         gp = triton.next_power_of_2(group)
         self.constexprs = dict(
@@ -114,15 +146,7 @@ class LeanKDecoder:
             DOT_PRECISION=dot_precision(dtype),
         )
         self._fixed = (self.o_part, self.lse_part, self.out, self.count, self.meta, self.chan)
-        self._tail = (
-            G,
-            num_heads,
-            s_total,
-            self.full_splits,
-            self.mid_splits,
-            max(gm, 1),
-            batch * G * self.full_splits,
-        )
+        self._tail = (G, num_heads, s_total, self.full_splits, batch * G * self.full_splits)
         self._bound: tuple | None = None  # data pointers of the buffers last checked
         self._device_lengths: torch.Tensor | None = None  # the lengths tensor last checked
         self._runners: dict = {}  # (lengths on device, q strides) -> the compiled kernel's launcher
@@ -133,22 +157,22 @@ class LeanKDecoder:
         self._constexpr_values = {flag: (*self.constexprs.values(), flag) for flag in (False, True)}
 
     @staticmethod
-    def _metadata(heads: HeadGroups) -> tuple[torch.Tensor, torch.Tensor]:
-        """META (int32): group row offsets, each KV head's middle row, each row's KV head; CHAN [GM, D] channels."""
+    def _metadata(heads: HeadGroups, batch: int, mid_splits: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """META (int32, sections as ``leank_kernel`` reads them) and CHAN [rows, D]: each middle row's channels."""
         G, D, gm = heads.num_kv_heads, heads.head_dim, heads.middle_heads
-        meta = torch.full((16 + G + max(gm, 1),), -1, dtype=torch.int32)
-        offsets = [0]
-        for h in heads.kv_heads:
-            offsets.append(offsets[-1] + h.numel())
-        meta[: len(offsets)] = torch.tensor(offsets, dtype=torch.int32)
+        at_programs, at_splits, at_heads = (int(x.value) for x in (META_PROGRAMS, META_SPLITS, META_HEADS))
+        meta = torch.zeros(at_heads + G + max(gm, 1), dtype=torch.int32)
         chan = torch.zeros(max(gm, 1), D, dtype=torch.int32)
-        row = 0
-        for h, ch in zip(heads.kv_heads, heads.channels):
-            for i, g in enumerate(h.tolist()):
-                meta[16 + g] = row
-                meta[16 + G + row] = g
-                chan[row, : ch.shape[1]] = ch[i].to(torch.int32)
+        row = program = 0
+        for i, (h, ch, splits) in enumerate(zip(heads.kv_heads, heads.channels, mid_splits)):
+            meta[i], meta[at_programs + i], meta[at_splits + i] = row, program, splits
+            for j, g in enumerate(h.tolist()):
+                meta[at_heads + g] = splits
+                meta[at_heads + G + row] = g
+                chan[row, : ch.shape[1]] = ch[j].to(torch.int32)
                 row += 1
+            program += batch * h.numel() * splits
+        meta[len(mid_splits)], meta[at_programs + len(mid_splits)] = row, program
         return meta, chan
 
     def _check_buffers(self, k_full, v_full, mid_k, mid_v) -> int:

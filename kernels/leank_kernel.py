@@ -30,6 +30,12 @@ import triton.language as tl
 
 from .decode_dense import _attend_tokens, _dense_program, _store_partial
 
+# Where META's sections start (int32): the groups' first rows at 0, their first programs, their split counts, then
+# one entry per KV head and one per middle row (at most 8 groups: 9 row and program offsets, 8 split counts).
+META_PROGRAMS = tl.constexpr(9)
+META_SPLITS = tl.constexpr(18)
+META_HEADS = tl.constexpr(32)
+
 
 @triton.jit
 def _middle_split(
@@ -50,7 +56,7 @@ def _middle_split(
     H,
     S_TOTAL,
     slot,
-    MID_SPLITS,
+    splits,
     stride_qb,
     stride_qh,
     GROUP: tl.constexpr,
@@ -74,7 +80,7 @@ def _middle_split(
         mask=h_mask[:, None] & c_mask[None, :],
         other=0.0,
     )
-    per = tl.cdiv(tl.cdiv(n_mid, MID_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per split
+    per = tl.cdiv(tl.cdiv(n_mid, splits), BLOCK_N) * BLOCK_N  # whole blocks per split
     start = split * per
     end = tl.minimum(start + per, n_mid)  # an empty range (short middle) stores lse = -inf: it weighs nothing
     row = (b * gc + r) * mid_pitch  # the group's buffers are [B, Gc, mid_pitch, C] and [B, Gc, mid_pitch, D]
@@ -179,8 +185,6 @@ def leank_layer_kernel(
     H,
     S_TOTAL,
     FULL_SPLITS,
-    MID_SPLITS,
-    GM,
     END_FULL,
     COUNTS: tl.constexpr,  # tuple: each group's kept count c
     COUNTS_PAD: tl.constexpr,  # tuple: each c rounded up to a power of two
@@ -196,13 +200,14 @@ def leank_layer_kernel(
     """The whole decode attention of one layer in one launch.
 
     Programs [0, END_FULL) each take one (sequence, KV head, split) of the full window; the rest one (sequence,
-    middle row, split) of the middle store. Every program writes its partial output and lse, then counts itself
-    in for its (sequence, KV head); the program that arrives last merges that head's slots into OUT and resets
-    the counter for the next step. The lengths are clamped to [1, max_full] and [0, max_mid], the tokens the
-    buffers hold, so no length read from the device makes a program read outside them.
-    META (int32): [0, 9) the groups' first middle rows (row offsets, len(COUNTS) + 1 used), [16, 16 + G) each KV
-    head's middle row (-1: no middle), [16 + G, 16 + G + GM) each middle row's KV head. CHAN [GM, D] (int32):
-    each middle row's kept channels.
+    middle row, split) of the middle store, group by group, each group with its own split count (the host
+    sizes the splits so that every program moves about the same bytes). Every program writes its partial output
+    and lse, then counts itself in for its (sequence, KV head); the program that arrives last merges that head's
+    slots into OUT and resets the counter for the next step. The lengths are clamped to [1, max_full] and
+    [0, max_mid], the tokens the buffers hold, so no length read from the device makes a program read outside.
+    META (int32, see ``LeanKDecoder``): per group i, its first middle row [i], its first program after END_FULL
+    [META_PROGRAMS + i] and its split count [META_SPLITS + i]; per KV head g its middle split count (0: no
+    middle) [META_HEADS + g]; per middle row its KV head [META_HEADS + G + row]. CHAN [rows, D]: kept channels.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2**31 at long contexts
     if LENGTHS_ON_DEVICE:  # CUDA-graph replay: the cache advances the lengths on the device
@@ -245,24 +250,29 @@ def leank_layer_kernel(
             D,
             DOT_PRECISION,
         )
-        has_middle = tl.load(META + 16 + g) >= 0
-        n_slots = tl.where(has_middle, FULL_SPLITS + MID_SPLITS, FULL_SPLITS)
+        n_slots = FULL_SPLITS + tl.load(META + META_HEADS + g)
     else:
         local = pid - END_FULL
-        split = (local % MID_SPLITS).to(tl.int32)
-        rest = local // MID_SPLITS
-        b = rest // GM
-        row = rest % GM
-        g = tl.load(META + 16 + G + row).to(tl.int64)
-        for i in tl.static_range(len(COUNTS)):  # one compiled path per group; the row runs the one it is in
-            lo = tl.load(META + i)
-            hi = tl.load(META + i + 1)
-            if (row >= lo) & (row < hi):
+        b = local * 0  # set by the group this program belongs to
+        g = local * 0
+        n_slots = FULL_SPLITS
+        for i in tl.static_range(len(COUNTS)):  # one compiled path per group; the program runs the one it is in
+            first = tl.load(META + META_PROGRAMS + i)
+            if (local >= first) & (local < tl.load(META + META_PROGRAMS + i + 1)):
+                splits = tl.load(META + META_SPLITS + i)
+                lo = tl.load(META + i)
+                gc = tl.load(META + i + 1) - lo
+                rest = (local - first) // splits  # programs of a group: (sequence, row, split), split fastest
+                split = ((local - first) % splits).to(tl.int32)
+                b = rest // gc
+                row = lo + rest % gc
+                g = tl.load(META + META_HEADS + G + row).to(tl.int64)
+                n_slots = FULL_SPLITS + splits
                 _middle_split(
                     b,
                     g,
                     row - lo,
-                    hi - lo,
+                    gc,
                     split,
                     Q,
                     CHAN + row * D,
@@ -276,7 +286,7 @@ def leank_layer_kernel(
                     H,
                     S_TOTAL,
                     FULL_SPLITS + split,
-                    MID_SPLITS,
+                    splits,
                     stride_qb,
                     stride_qh,
                     GROUP,
@@ -287,7 +297,6 @@ def leank_layer_kernel(
                     D,
                     DOT_PRECISION,
                 )
-        n_slots = FULL_SPLITS + MID_SPLITS
     # Count this split in; the last of the head's n_slots programs merges (acq_rel: it sees every partial).
     tl.debug_barrier()  # every thread of this program has issued its partial stores
     counter = COUNT + b * G + g

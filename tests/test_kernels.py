@@ -226,7 +226,7 @@ def test_merge_in_one_launch_ignores_garbage_scratch_and_resets_its_counters():
     q, k, v, keep, k_full, v_full, groups = _decoder_inputs(B, H, G, N, D, [16, 0, 48, 16], sink, recent, seed=31)
     heads = HeadGroups.from_mask(keep)
     decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, k_full.shape[2], groups[0].k.shape[2], config=config)
-    assert decoder.full_splits > 1 and decoder.mid_splits > 1  # so partials really are merged, across parts
+    assert decoder.full_splits > 1 and min(decoder.mid_splits) > 1  # so partials really are merged, across parts
     decoder.o_part.fill_(float("nan"))
     decoder.lse_part.fill_(1e4)
     expected = masked_sdpa(q, k, v, keep, sink, recent)
