@@ -20,7 +20,7 @@ import torch
 from leank_ref.layout import HeadGroups, MiddleGroup
 
 from .launch import DecodeConfig, check_dtypes, check_head_dim, check_last_dim_contiguous, check_runnable
-from .leank_decoder import LeanKDecoder
+from .leank_decoder import LEANK_CONFIG, LeanKDecoder
 
 
 def _check_inputs(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups: list[MiddleGroup]) -> HeadGroups:
@@ -103,7 +103,7 @@ def leank_decode(
     groups: list[MiddleGroup],
     scale: float | None = None,
     *,
-    config: DecodeConfig = DecodeConfig(),
+    config: DecodeConfig = LEANK_CONFIG,
 ) -> torch.Tensor:
     """Decode attention over a LeanK cache (full window + per-group pruned middle), exact LSE merge: [B, H, D].
 

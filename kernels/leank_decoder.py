@@ -29,6 +29,9 @@ from .launch import (
 from .leank_kernel import META_HEADS, META_PROGRAMS, META_SPLITS
 
 MAX_GROUPS = 8  # distinct kept counts per layer one launch serves (D / 16 for D = 128)
+# The LeanK launch's defaults: 6 programs per multiprocessor in all, two waves of the 3 that fit on one at a time
+# (144 registers per thread, 70 KB of shared memory per program in bf16 at D = 128 on Hopper).
+LEANK_CONFIG = DecodeConfig(programs_per_sm=6)
 
 
 def check_kernel_counts(heads: HeadGroups) -> None:
@@ -109,7 +112,7 @@ class LeanKDecoder:
         max_full: int,
         max_middle: int,
         scale: float | None = None,
-        config: DecodeConfig = DecodeConfig(),
+        config: DecodeConfig = LEANK_CONFIG,
     ):
         heads.validate()  # host-side, once: indices in range, nothing repeated
         G, D = heads.num_kv_heads, heads.head_dim
