@@ -66,18 +66,22 @@ def compile_kernel(
     """
     if not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernels were defined by Triton's interpreter: run this without TRITON_INTERPRET set")
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "qk_scale":
             signature[name] = "fp32"
         elif name in ("MID_K", "MID_V"):
             signature[name] = ("*bf16",) * groups
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(groups)})
         else:
             signature[name] = _POINTERS.get(name, "i32")
+            # What a real launch specializes on: 16-byte aligned tensors and strides that are multiples of 16.
+            if name in _POINTERS or name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs),
+        ASTSource(kernel, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )

@@ -29,9 +29,10 @@ from .launch import (
 from .leank_kernel import META_HEADS, META_PROGRAMS, META_SPLITS
 
 MAX_GROUPS = 8  # distinct kept counts per layer one launch serves (D / 16 for D = 128)
-# The LeanK launch's defaults: 6 programs per multiprocessor in all, two waves of the 3 that fit on one at a time
-# (144 registers per thread, 70 KB of shared memory per program in bf16 at D = 128 on Hopper).
-LEANK_CONFIG = DecodeConfig(programs_per_sm=6)
+# The LeanK launch's defaults: 3 programs per multiprocessor in all, the number that fit on one at a time (144
+# registers per thread, 70 KB of shared memory per program in bf16 at D = 128 on Hopper): one wave, and few
+# partial results per head for the merge. Measured on an H100 against 4, 6, 9 and 12 (benchmarks/results).
+LEANK_CONFIG = DecodeConfig(programs_per_sm=3)
 
 
 def check_kernel_counts(heads: HeadGroups) -> None:
@@ -78,8 +79,8 @@ def plan_layer_splits(
 
 
 def _merge_block_s(gp: int) -> int:
-    """Slots the in-kernel merge reads at a time: [GP, BLOCK_S, D] float32 tiles of 4K values (no spills)."""
-    return max(2, 32 // gp)
+    """Slots the in-kernel merge reads at a time: [GP, BLOCK_S, D] float32 tiles of 8K values (64 per thread)."""
+    return max(2, 64 // gp)
 
 
 class LeanKDecoder:

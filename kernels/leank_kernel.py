@@ -123,16 +123,11 @@ def _merge_heads(
     h_mask = offs_h < GROUP
     rows = b * H + g * GROUP + offs_h  # [GP] query-head rows of O_PART / LSE_PART / OUT
     offs_d = tl.arange(0, D)
-    # Pass 1: each head's largest partial lse. The loads bypass L1 (.cg): other programs wrote these slots.
+    # One pass, online (as flash attention does over tokens): a running max m, denominator and output, rescaled
+    # when m grows. The lse and output loads of a block do not depend on each other (one memory round trip per
+    # block, the merge being latency-bound) and bypass L1 (.cg): other programs wrote these slots. Empty splits
+    # (lse = -inf) weigh nothing; their output slots may hold anything, so they are excluded with a select.
     m = tl.full([GP], float("-inf"), tl.float32)
-    for s0 in range(0, n_slots, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = h_mask[:, None] & (offs_s < n_slots)[None, :]
-        lse = tl.load(
-            LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg"
-        )
-        m = tl.maximum(m, tl.max(lse, 1))
-    # Pass 2: o = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m); empty splits (lse = -inf) weigh nothing.
     acc = tl.zeros([GP, D], tl.float32)
     den = tl.zeros([GP], tl.float32)
     for s0 in range(0, n_slots, BLOCK_S):
@@ -140,17 +135,21 @@ def _merge_heads(
         ok = h_mask[:, None] & (offs_s < n_slots)[None, :]
         lse = tl.load(
             LSE_PART + rows[:, None] * S_TOTAL + offs_s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg"
-        )
-        used = lse > float("-inf")
-        w = tl.where(used, tl.exp2(lse - m[:, None]), 0.0)  # [GP, BLOCK_S]
+        )  # [GP, BLOCK_S]
         o = tl.load(
             O_PART + (rows[:, None, None] * S_TOTAL + offs_s[None, :, None]) * D + offs_d[None, None, :],
-            mask=used[:, :, None],
+            mask=ok[:, :, None],
             other=0.0,
             cache_modifier=".cg",
         )  # [GP, BLOCK_S, D]
-        acc += tl.sum(w[:, :, None] * o, 1)
-        den += tl.sum(w, 1)
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot used yet: keep the arithmetic finite
+        alpha = tl.exp2(m - m_ref)  # 0 while m = -inf
+        used = lse > float("-inf")
+        w = tl.where(used, tl.exp2(lse - m_ref[:, None]), 0.0)
+        acc = acc * alpha[:, None] + tl.sum(tl.where(used[:, :, None], w[:, :, None] * o, 0.0), 1)
+        den = den * alpha + tl.sum(w, 1)
+        m = m_new
     tl.store(
         OUT + rows[:, None] * D + offs_d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty), mask=h_mask[:, None]
     )
