@@ -46,18 +46,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from leank_ref.kernels import (
-    HeadGroups,
     LeanKDecoder,
     dense_decode,
     dense_decode_reference,
-    leank_decode_reference,
-    leank_layout_from_dense,
 )
+
+from leank_ref.decode import leank_decode_torch
+from leank_ref.layout import HeadGroups, leank_layout_from_dense
+from leank_ref.windows import Windows
 
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
 R = H // G  # query heads per KV head
 N_SINK, N_RECENT = 128, 768  # the authors' deployed windows
 N_FULL = N_SINK + N_RECENT
+WINDOWS = Windows(N_SINK, N_RECENT, 1)  # every middle token compacted (no blocks)
 MASK = "masks/reference/llama3.1-8b-instruct.pth"  # byte-identical to their minference/configs/leank/ copy
 BATCHES = (1, 8)
 CONTEXTS = (8192, 32768, 131072)
@@ -477,7 +479,7 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, kernels: dict, check: bool, 
     checks = []
     shared = True
     for layer in range(keep.shape[0]):
-        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT)
+        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], WINDOWS)
         ours = leank_decoder(keep[layer], q, k_full, v_full, groups)
         t, ours_out = graph_time(lambda: ours(), iters)
         per_layer["ours_triton"].append(t)
@@ -485,7 +487,7 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, kernels: dict, check: bool, 
         if theirs is None:
             per_layer["authors_tilelang"].append(None)
             continue
-        ref = leank_decode_reference(q, k_full, v_full, groups)
+        ref = leank_decode_torch(q, k_full, v_full, groups, D**-0.5)
         args, order = authors_leank_args(q, k_full, v_full, groups, shared_scratch=shared)
         if B > 1 and layer == 0:
             try:
@@ -681,15 +683,15 @@ def cpu_check(args: argparse.Namespace) -> None:
     k, v = torch.randn(B, G, N, D), torch.randn(B, G, N, D)
     worst = 0.0
     for i in range(len(keep)):
-        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[i], N_SINK, N_RECENT)
+        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[i], WINDOWS)
         theirs, order = authors_leank_args(q, k_full, v_full, groups, shared_scratch=True)
         mine = from_authors_order(authors_semantics(theirs, len(groups)), order)
-        worst = max(worst, diff(mine, leank_decode_reference(q, k_full, v_full, groups).float())["max_abs"])
+        worst = max(worst, diff(mine, leank_decode_torch(q, k_full, v_full, groups, D**-0.5).float())["max_abs"])
     print(f"their inputs describe our attention: max |difference| {worst:.2e} over {len(keep)} layers")
     if not worst < 1e-4:
         raise SystemExit("the inputs built for their kernel do not match our layout")
     # At B = 1 each group's scratch is a view into the shared buffers (what their combine needs).
-    k_full, v_full, groups = leank_layout_from_dense(k[:1], v[:1], keep[layer], N_SINK, N_RECENT)
+    k_full, v_full, groups = leank_layout_from_dense(k[:1], v[:1], keep[layer], WINDOWS)
     theirs, _ = authors_leank_args(q[:1], k_full, v_full, groups, shared_scratch=True)
     for i in range(len(groups)):
         glse_i = theirs[9 + 5 * i]

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root:
 
-    python benchmarks/decode_kernels.py --out DIR --commit $(git rev-parse HEAD) [--sweep]
+    python benchmarks/decode_kernels.py --out DIR [--sweep]
 
 What it measures, in one process:
 1. the device-to-device copy bandwidth (bytes read + written), the ceiling for memory-bound code;
@@ -36,19 +36,22 @@ import torch.nn.functional as F
 import triton
 from leank_ref.kernels import (
     DecodeConfig,
-    HeadGroups,
     LeanKDecoder,
     dense_decode,
     dense_decode_reference,
     leank_decode,
-    leank_decode_reference,
-    leank_layout_from_dense,
-    masked_dense_reference,
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from leank_ref.attention import simulate_newest_query
+from leank_ref.decode import leank_decode_torch
+from leank_ref.layout import HeadGroups, leank_layout_from_dense
+from leank_ref.provenance import provenance
+from leank_ref.windows import Windows
+
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
 N_SINK, N_RECENT = 128, 768
+WINDOWS = Windows(N_SINK, N_RECENT, 1)  # the authors' sink and recent windows, every middle token compacted
 MASK = "masks/reference/llama3.1-8b-instruct.pth"
 BATCHES = (1, 8, 32)
 CONTEXTS = (4096, 32768, 131072)
@@ -186,7 +189,7 @@ def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
                 for g in range(Gk):
                     keep[g, torch.randperm(Dh, device=DEVICE, generator=gen)[: counts[g]]] = True
                 n_sink, n_recent = 16, 40
-                k_full, v_full, groups = leank_layout_from_dense(k, v, keep, n_sink, n_recent)
+                k_full, v_full, groups = leank_layout_from_dense(k, v, keep, Windows(n_sink, n_recent, 1))
                 out = leank_decode(q, k_full, v_full, groups)
                 checks.append(
                     {
@@ -198,10 +201,8 @@ def gpu_checks(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
                         "N": N,
                         "D": Dh,
                         "counts": counts,
-                        "rel_err_vs_reference": rel_err(out, leank_decode_reference(q, k_full, v_full, groups)),
-                        "rel_err_vs_masked_dense": rel_err(
-                            out, masked_dense_reference(q, k, v, keep, n_sink, n_recent)
-                        ),
+                        "rel_err_vs_reference": rel_err(out, leank_decode_torch(q, k_full, v_full, groups, Dh**-0.5)),
+                        "rel_err_vs_masked_dense": rel_err(out, simulate_newest_query(q, k, v, keep, n_sink, n_recent)),
                     }
                 )
     worst = max(max(v for key, v in c.items() if key.startswith("rel_err")) for c in checks)
@@ -259,7 +260,7 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, copy_gbps: float, config: De
     # Each layer's LeanKDecoder is built once (as a cache builds it) and then timed: one launch per call.
     leank_layers, leank_errs, lbytes = [], [], []
     for layer in range(L):
-        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT)
+        k_full, v_full, groups = leank_layout_from_dense(k, v, keep[layer], WINDOWS)
         nb = leank_bytes(q, k_full, groups)
         lbytes.append(nb)
         nm = groups[0].k.shape[2] if groups else 0
@@ -273,7 +274,7 @@ def bench_shape(B: int, N: int, keep: torch.Tensor, copy_gbps: float, config: De
                 leank_errs.append(
                     rel_err(
                         dec(q, k_full, v_full, mid_k, mid_v, (k_full.shape[2], nm)),
-                        leank_decode_reference(q, k_full, v_full, groups),
+                        leank_decode_torch(q, k_full, v_full, groups, D**-0.5),
                     )
                 )
             except torch.OutOfMemoryError:
@@ -339,7 +340,7 @@ def sweep(keep: torch.Tensor, copy_gbps: float) -> list[dict]:
     configs += [replace(DecodeConfig(), min_tokens_per_split=t) for t in (128, 512, 1024)]
     for B, N in ((8, 32768), (1, 131072)):
         q, k, v = make_cache(B, N)
-        layouts = [leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT) for layer in range(keep.shape[0])]
+        layouts = [leank_layout_from_dense(k, v, keep[layer], WINDOWS) for layer in range(keep.shape[0])]
         nb_dense = dense_bytes(q, k)
         nb_leank = sum(leank_bytes(q, kf, gr) for kf, _, gr in layouts)
         for cfg in configs:
@@ -377,7 +378,6 @@ def main() -> None:
     """Parse arguments, run every phase, write the JSON, print a summary table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for decode_kernels.json")
-    parser.add_argument("--commit", default="unknown", help="git commit of the code (git rev-parse HEAD)")
     parser.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
     parser.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
@@ -395,7 +395,7 @@ def main() -> None:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": args.commit,
+        "provenance": provenance("cuda"),
         "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK, "recent": N_RECENT},
         "mask": MASK,
         "layers": "all 32 layers of the mask; every method's total is one decode step's attention over 32 layers",

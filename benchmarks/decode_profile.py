@@ -37,15 +37,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
-from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, D, G, H  # noqa: E402
+from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, WINDOWS, D, G, H  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
-    HeadGroups,
     LeanKDecoder,
     dense_decode,
-    leank_decode_reference,
-    leank_layout_from_dense,
 )
 
+from leank_ref.decode import leank_decode_torch  # noqa: E402
+from leank_ref.layout import HeadGroups, leank_layout_from_dense  # noqa: E402
 from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 from leank_ref.static_decode import capture_graph  # noqa: E402
@@ -58,7 +57,7 @@ def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dty
     for layer in range(keep.shape[0]):
         k = torch.randn(B, G, N, D, device=device, dtype=dtype)
         v = torch.randn(B, G, N, D, device=device, dtype=dtype)
-        leank.append(leank_layout_from_dense(k, v, keep[layer], N_SINK, N_RECENT))
+        leank.append(leank_layout_from_dense(k, v, keep[layer], WINDOWS))
         dense.append((k, v))
     return q, dense, leank
 
@@ -101,7 +100,7 @@ def step_functions(q, dense, leank, keep) -> dict:
 
 def check_outputs(q, leank, fns: dict) -> dict:
     """Largest relative error of LeanK against the torch reference, over all layers."""
-    refs = [leank_decode_reference(q, kf, vf, groups).float() for kf, vf, groups in leank]
+    refs = [leank_decode_torch(q, kf, vf, groups, D**-0.5).float() for kf, vf, groups in leank]
     outs = [o.clone() for o in fns["leank_triton"]()]  # each decoder reuses its output buffer
     return {"leank_triton": max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))}
 
@@ -211,7 +210,7 @@ def cpu_check() -> None:
     outs = {name: [o.clone() for o in fn()] for name, fn in fns.items()}
     print("relative errors against the reference:", check_outputs(q, leank, fns))
     for layer, (kf, vf, groups) in enumerate(leank):
-        ref = leank_decode_reference(q, kf, vf, groups)
+        ref = leank_decode_torch(q, kf, vf, groups, D**-0.5)
         err = (outs["leank_triton"][layer] - ref).abs().max().item()
         print(f"layer {layer}: {len(groups)} groups, leank_triton vs reference max |diff| {err:.2e}")
         assert err < 1e-4

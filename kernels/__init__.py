@@ -1,25 +1,12 @@
-"""Triton decode kernels (installed as ``leank_ref.kernels``): dense and LeanK flash decoding."""
+"""Triton decode kernels (installed as ``leank_ref.kernels``): dense and LeanK flash decoding.
 
-from .decode_dense import DecodeConfig, dense_decode, dense_decode_reference
-from .decode_leank import (
-    HeadGroups,
-    LeanKDecoder,
-    MiddleGroup,
-    leank_decode,
-    leank_decode_reference,
-    leank_layout_from_dense,
-    masked_dense_reference,
-)
+``launch`` (launch parameters, split plans, input checks), ``decode_dense`` (the dense kernel), ``leank_kernel``
+(the LeanK kernel), ``leank_decoder`` (its per-layer host side) and ``decode_leank`` (the one-call form).
+"""
 
-__all__ = [
-    "DecodeConfig",
-    "HeadGroups",
-    "LeanKDecoder",
-    "MiddleGroup",
-    "dense_decode",
-    "dense_decode_reference",
-    "leank_decode",
-    "leank_decode_reference",
-    "leank_layout_from_dense",
-    "masked_dense_reference",
-]
+from .decode_dense import dense_decode, dense_decode_reference
+from .decode_leank import leank_decode
+from .launch import DecodeConfig
+from .leank_decoder import LeanKDecoder
+
+__all__ = ["DecodeConfig", "LeanKDecoder", "dense_decode", "dense_decode_reference", "leank_decode"]

@@ -21,7 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import decode_dense, decode_leank
+from . import decode_dense, leank_decoder, leank_kernel
+from .launch import DecodeConfig
 
 _POINTERS = {
     "Q": "*bf16",
@@ -37,8 +38,6 @@ _POINTERS = {
     "CHAN": "*i32",
     "LENGTHS": "*i32",
 }
-for _i in range(decode_leank.MAX_GROUPS):
-    _POINTERS.update({f"K{_i}": "*bf16", f"V{_i}": "*bf16"})
 
 
 @dataclass
@@ -58,20 +57,31 @@ class Resources:
         return min(by_regs, by_shared)
 
 
-def compile_kernel(kernel, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3) -> Resources:
-    """Compile one variant of a @triton.jit kernel (bf16 tensors, int32 scalars) for sm_<arch>; return its resources."""
+def compile_kernel(
+    kernel, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3, groups: int = 0
+) -> Resources:
+    """Compile one variant of a @triton.jit kernel (bf16 tensors, int32 scalars) for sm_<arch>; return its resources.
+
+    ``groups``: the length of the LeanK kernel's tuple arguments ``MID_K`` and ``MID_V`` (one pointer per group).
+    """
     if not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernels were defined by Triton's interpreter: run this without TRITON_INTERPRET set")
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "qk_scale":
             signature[name] = "fp32"
+        elif name in ("MID_K", "MID_V"):
+            signature[name] = ("*bf16",) * groups
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(groups)})
         else:
             signature[name] = _POINTERS.get(name, "i32")
+            # What a real launch specializes on: 16-byte aligned tensors and strides that are multiples of 16.
+            if name in _POINTERS or name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs),
+        ASTSource(kernel, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -88,31 +98,30 @@ def compile_kernel(kernel, constexprs: dict, arch: int = 90, num_warps: int = 4,
     return Resources(kernel.__name__, int(regs.group(1)), int(stack.group(1)), int(compiled.metadata.shared))
 
 
-def default_variants(config: decode_dense.DecodeConfig = decode_dense.DecodeConfig()) -> dict:
-    """Kernel variants of a Llama-3.1-8B decode (H/G = 4, D = 128): name -> (kernel, constexprs)."""
+def default_variants(config: DecodeConfig = DecodeConfig()) -> dict:
+    """Kernel variants of a Llama-3.1-8B decode (H/G = 4, D = 128): name -> (kernel, constexprs, groups)."""
     base = dict(GROUP=4, BLOCK_H=16, BLOCK_N=config.block_n, D=128, DOT_PRECISION="tf32")
-    counts = [32, 64, 96] + [96] * (decode_leank.MAX_GROUPS - 3)
+    counts = (32, 64, 96)
     layer = dict(
         base,
-        NUM_GROUPS=3,
+        COUNTS=counts,
+        COUNTS_PAD=tuple(triton.next_power_of_2(c) for c in counts),
         GP=4,
-        BLOCK_S=decode_leank._merge_block_s(4),
+        BLOCK_S=leank_decoder._merge_block_s(4),
         LENGTHS_ON_DEVICE=True,
-        **{f"C{i}": c for i, c in enumerate(counts)},
-        **{f"CP{i}": triton.next_power_of_2(c) for i, c in enumerate(counts)},
     )
     return {
-        "dense partials": (decode_dense._dense_partial_kernel, base),
-        "merge": (decode_dense._merge_kernel, dict(BLOCK_S=64, BLOCK_D=32, D=128)),
-        "LeanK layer, 3 groups": (decode_leank._leank_layer_kernel, layer),
+        "dense partials": (decode_dense._dense_partial_kernel, base, 0),
+        "merge": (decode_dense._merge_kernel, dict(BLOCK_S=64, BLOCK_D=32, D=128), 0),
+        "LeanK layer, 3 groups": (leank_kernel.leank_layer_kernel, layer, len(counts)),
     }
 
 
 def main() -> None:
     """Compile the default variants for sm_90 and print their resources."""
-    config = decode_dense.DecodeConfig()
-    for label, (kernel, constexprs) in default_variants(config).items():
-        r = compile_kernel(kernel, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    config = DecodeConfig()
+    for label, (kernel, constexprs, groups) in default_variants(config).items():
+        r = compile_kernel(kernel, constexprs, num_warps=config.num_warps, num_stages=config.num_stages, groups=groups)
         print(
             f"{label:>30}: {r.registers} registers/thread, spill stack {r.stack_bytes} B, shared {r.shared_bytes} B, "
             f"{r.programs_per_sm(config.num_warps)} programs/SM"

@@ -10,7 +10,8 @@ Two objects describe one layer:
 * :class:`MiddleGroup`, the stored middle tokens of one group (the cache's views of its buffers).
 
 Both the cache and the kernels take their grouping from :meth:`HeadGroups.from_mask`, so there is one
-definition of "group" in the project.
+definition of "group" in the project, and :meth:`HeadGroups.validate` is its one check. :func:`gather_kept` is the
+one gather into the compact layout; :func:`leank_layout_from_dense` applies it to a whole dense cache layer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .windows import Windows
 
 
 @dataclass
@@ -87,12 +90,26 @@ class HeadGroups:
         return groups
 
     def validate(self) -> None:
-        """Raise ``ValueError`` unless every head and channel index is in range and none repeats."""
+        """Raise ``ValueError`` unless every group is well formed and keeps channels, and no index is out of range
+        or repeated: the one check of a layer's head grouping (the cache, the torch path and the kernels rely on it).
+        """
+        listed = sum(int(h.numel()) for h in self.kv_heads)
+        if listed > self.num_kv_heads:
+            raise ValueError(
+                f"the groups list {listed} KV heads but there are only G={self.num_kv_heads}: each head belongs to "
+                "one group"
+            )
+        if len(self.kv_heads) != len(self.channels):
+            raise ValueError(f"{len(self.kv_heads)} kv_heads tensors but {len(self.channels)} channels tensors")
         seen: set[int] = set()
         for i, (h, ch) in enumerate(zip(self.kv_heads, self.channels)):
             if h.dim() != 1 or ch.dim() != 2 or ch.shape[0] != h.shape[0]:
                 raise ValueError(
                     f"groups[{i}]: kv_heads must be [Gc] and channels [Gc, c], got {list(h.shape)} and {list(ch.shape)}"
+                )
+            if ch.shape[1] == 0:
+                raise ValueError(
+                    f"groups[{i}] keeps 0 channels: leave those heads out of groups (their middle is excluded)"
                 )
             heads = h.tolist()
             bad = [x for x in heads if not 0 <= x < self.num_kv_heads]
@@ -118,6 +135,30 @@ def gather_kept(
     b, _, n, _ = k.shape
     index = channels[None, :, None, :].expand(b, heads.numel(), n, channels.shape[1])  # [B, Gc, n, c]
     return torch.gather(k.index_select(1, heads), -1, index), v.index_select(1, heads)
+
+
+def leank_layout_from_dense(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, windows: Windows
+) -> tuple[torch.Tensor, torch.Tensor, list[MiddleGroup]]:
+    """Split a dense cache k, v [B, G, N, D] by keep [G, D] (bool) into (k_full, v_full, groups), as a cache holds it.
+
+    The full window is the first ``windows.sink`` tokens and every token after the middle; the middle holds
+    ``windows.middle_length(N)`` tokens, gathered per group by :func:`gather_kept`. For tests and benchmarks.
+    """
+    B, G, N, D = k.shape
+    if keep.shape != (G, D):
+        raise ValueError(f"keep has shape {list(keep.shape)} but the cache needs [{G}, {D}]")
+    sink, n_mid = min(windows.sink, N), windows.middle_length(N)
+    full = torch.cat([torch.arange(sink), torch.arange(sink + n_mid, N)]).to(k.device)
+    k_full, v_full = k[:, :, full].contiguous(), v[:, :, full].contiguous()  # [B, G, Nf, D]
+    mid = slice(sink, sink + n_mid)
+    layout = HeadGroups.from_mask(keep)  # the cache's own grouping: by kept count, zero-count heads left out
+    groups = []
+    for heads, channels in zip(layout.kv_heads, layout.channels):
+        heads, channels = heads.to(k.device), channels.to(k.device)  # [Gc], [Gc, c]
+        k_mid, v_mid = gather_kept(k[:, :, mid], v[:, :, mid], heads, channels)
+        groups.append(MiddleGroup(heads, channels, k_mid.contiguous(), v_mid.contiguous()))
+    return k_full, v_full, groups
 
 
 MIN_KEPT = 16  # kept counts of a middle group are multiples of this: the Triton kernel's tl.dot needs >= 16 channels

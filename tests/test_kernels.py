@@ -19,27 +19,26 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
     DecodeConfig,
-    HeadGroups,
     LeanKDecoder,
-    MiddleGroup,
-    decode_dense,
-    decode_leank,
     dense_decode,
     dense_decode_reference,
+    launch,
     leank_decode,
-    leank_decode_reference,
-    leank_layout_from_dense,
-    masked_dense_reference,
+    leank_decoder,
+    leank_kernel,
 )
-from leank_ref.kernels.decode_dense import check_runnable, plan_splits  # noqa: E402
+from leank_ref.kernels.launch import check_runnable, plan_splits  # noqa: E402
 
 from leank_ref.attention import simulate_newest_query  # noqa: E402
+from leank_ref.decode import leank_decode_torch  # noqa: E402
+from leank_ref.layout import HeadGroups, MiddleGroup, leank_layout_from_dense  # noqa: E402
+from leank_ref.windows import Windows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32  # exact (ieee) products in tl.dot: errors are rounding only
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
-if DEVICE == "cpu" and not decode_dense._INTERPRET:
+if DEVICE == "cpu" and not launch.INTERPRETED:
     pytest.fail(
         "leank_ref.kernels was first imported while TRITON_INTERPRET was unset or 0, so its kernels cannot run "
         "on this CPU-only machine: run the tests with TRITON_INTERPRET=1 (make test does)",
@@ -67,6 +66,39 @@ def sdpa_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     R = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(
         q.float()[:, :, None], k.float().repeat_interleave(R, 1), v.float().repeat_interleave(R, 1), scale=scale
+    )
+    return out[:, :, 0]
+
+
+def layout(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, sink: int, recent: int):
+    """The compact layout of a dense cache: sink tokens, then the middle, then `recent` tokens (no blocks)."""
+    return leank_layout_from_dense(k, v, keep, Windows(sink, recent, 1))
+
+
+def reference(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, groups, lengths=None) -> torch.Tensor:
+    """The project's torch LeanK attention over the compact layout, default scale."""
+    return leank_decode_torch(q, k_full, v_full, groups, q.shape[-1] ** -0.5, lengths)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, sink: int, recent: int):
+    """LeanK's attention on the dense cache, by torch SDPA: middle keys with pruned channels zeroed, [B, H, D].
+
+    The middle tokens ``[sink, N - recent)`` see K times the 0/1 mask; a head that keeps no channel skips them.
+    Independent of the compact layout (no gather, no groups).
+    """
+    B, H, D = q.shape
+    G, N = k.shape[1], k.shape[2]
+    R = H // G
+    mid = slice(sink, max(sink, N - recent))
+    k = k.float().clone()
+    k[:, :, mid] *= keep.bool()[None, :, None, :].float()
+    allowed = torch.ones(B, G, N, dtype=torch.bool, device=q.device)
+    allowed[:, keep.bool().sum(1) == 0, mid] = False
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None],
+        k.repeat_interleave(R, 1),
+        v.float().repeat_interleave(R, 1),
+        attn_mask=allowed.repeat_interleave(R, 1)[:, :, None],  # [B, H, 1, N]
     )
     return out[:, :, 0]
 
@@ -167,11 +199,11 @@ LEANK_CASES = [
 def test_leank_matches_references(B, H, G, N, D, counts, sink, recent, config):
     q, k, v = qkv(B, H, G, N, D, seed=N + D + 100)
     keep = random_keep(G, D, counts, seed=N)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
+    k_full, v_full, groups = layout(k, v, keep, sink, recent)
     out = leank_decode(q, k_full, v_full, groups, config=config or DecodeConfig())
     assert out.shape == (B, H, D) and out.dtype == DTYPE
-    torch.testing.assert_close(out, leank_decode_reference(q, k_full, v_full, groups), **TOL)
-    expected = masked_dense_reference(q, k, v, keep, sink, recent)
+    torch.testing.assert_close(out, reference(q, k_full, v_full, groups), **TOL)
+    expected = masked_sdpa(q, k, v, keep, sink, recent)
     torch.testing.assert_close(out, expected, **TOL)
     torch.testing.assert_close(out, simulate_newest_query(q, k, v, keep, sink, recent), **TOL)
     if N > sink + recent and any(0 < c < D for c in counts):  # the pruning must matter in this case
@@ -182,7 +214,7 @@ def _decoder_inputs(B, H, G, N, D, counts, sink, recent, seed):
     """A dense cache, its LeanK layout and the head grouping of the same keep mask."""
     q, k, v = qkv(B, H, G, N, D, seed=seed)
     keep = random_keep(G, D, counts, seed=seed + 1)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
+    k_full, v_full, groups = layout(k, v, keep, sink, recent)
     return q, k, v, keep, k_full, v_full, groups
 
 
@@ -194,10 +226,10 @@ def test_merge_in_one_launch_ignores_garbage_scratch_and_resets_its_counters():
     q, k, v, keep, k_full, v_full, groups = _decoder_inputs(B, H, G, N, D, [16, 0, 48, 16], sink, recent, seed=31)
     heads = HeadGroups.from_mask(keep)
     decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, k_full.shape[2], groups[0].k.shape[2], config=config)
-    assert decoder.full_splits > 1 and decoder.mid_splits > 1  # so partials really are merged, across parts
+    assert decoder.full_splits > 1 and min(decoder.mid_splits) > 1  # so partials really are merged, across parts
     decoder.o_part.fill_(float("nan"))
     decoder.lse_part.fill_(1e4)
-    expected = masked_dense_reference(q, k, v, keep, sink, recent)
+    expected = masked_sdpa(q, k, v, keep, sink, recent)
     mid = ([g.k for g in groups], [g.v for g in groups])
     out = decoder(q, k_full, v_full, *mid, (k_full.shape[2], groups[0].k.shape[2]))
     torch.testing.assert_close(out, expected, **TOL)
@@ -205,7 +237,7 @@ def test_merge_in_one_launch_ignores_garbage_scratch_and_resets_its_counters():
     q2 = randn(B, H, D, seed=77)
     out2 = decoder(q2, k_full, v_full, *mid, (k_full.shape[2], groups[0].k.shape[2]))
     assert out2.data_ptr() == out.data_ptr()  # the same output buffer every step: no allocation
-    torch.testing.assert_close(out2, masked_dense_reference(q2, k, v, keep, sink, recent), **TOL)
+    torch.testing.assert_close(out2, masked_sdpa(q2, k, v, keep, sink, recent), **TOL)
 
 
 def test_decoder_reads_lengths_from_the_device_and_any_full_window_order():
@@ -218,7 +250,7 @@ def test_decoder_reads_lengths_from_the_device_and_any_full_window_order():
     decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, sink + recent, cap)
     lengths = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     for n in (sink + recent - 5, sink + recent + 1, sink + recent + 60):  # no middle yet, then a growing middle
-        k_full, v_full, groups = leank_layout_from_dense(k[:, :, :n], v[:, :, :n], keep, sink, recent)
+        k_full, v_full, groups = layout(k[:, :, :n], v[:, :, :n], keep, sink, recent)
         nm = groups[0].k.shape[2] if groups else 0
         roll = torch.roll(torch.arange(k_full.shape[2]), 5).to(DEVICE)  # ring order: attention ignores order
         kf, vf = (t.new_zeros(B, G, sink + recent, D) for t in (k_full, v_full))
@@ -229,13 +261,74 @@ def test_decoder_reads_lengths_from_the_device_and_any_full_window_order():
             mk[:, :, :nm], mv[:, :, :nm] = grp.k, grp.v
         lengths.copy_(torch.tensor([k_full.shape[2], nm]))
         out = decoder(q, kf, vf, mid_k, mid_v, lengths)
-        torch.testing.assert_close(out, masked_dense_reference(q, k[:, :, :n], v[:, :, :n], keep, sink, recent), **TOL)
+        torch.testing.assert_close(out, masked_sdpa(q, k[:, :, :n], v[:, :, :n], keep, sink, recent), **TOL)
+
+
+def _poisoned_decoder_inputs(n_full_view: int, n_mid_view: int):
+    """A decoder and its cache as views into NaN-poisoned buffers: any read past a view's tokens turns up NaN."""
+    B, H, G, D, sink, recent = 2, 8, 4, 64, 8, 16
+    q, k, v = qkv(B, H, G, sink + recent + n_mid_view, D, seed=51)
+    keep = random_keep(G, D, [32, 0, 16, 16], seed=52)
+    k_full, v_full, groups = layout(k, v, keep, sink, recent)
+    heads = HeadGroups.from_mask(keep.cpu())
+    decoder = LeanKDecoder(heads, B, H, DTYPE, DEVICE, sink + recent, n_mid_view)
+    full = [torch.full((B, G, n_full_view + 8, D), float("nan"), device=DEVICE) for _ in range(2)]
+    for buf, t in zip(full, (k_full, v_full)):
+        buf[:, :, : t.shape[2]] = t
+    mids = []
+    for grp in groups:
+        for t in (grp.k, grp.v):
+            buf = torch.full((B, t.shape[1], n_mid_view + 8, t.shape[3]), float("nan"), device=DEVICE)
+            buf[:, :, : t.shape[2]] = t
+            mids.append(buf)
+    views = ([f[:, :, :n_full_view] for f in full], [m[:, :, :n_mid_view] for m in mids])
+    (kf, vf), mid = views
+    return decoder, q, kf, vf, mid[0::2], mid[1::2], (k_full, v_full, groups)
+
+
+@pytest.mark.parametrize(
+    "lengths, match",
+    [
+        ((0, 10), "n_full=0 .* need 1 <= n_full <= 24"),
+        ((-3, 10), "n_full=-3"),
+        ((25, 10), "n_full=25 but the full window k_full, v_full holds 24 tokens"),
+        ((24, -1), "n_mid=-1 but the middle buffers hold 40 tokens"),
+        ((24, 41), "n_mid=41 .* need 0 <= n_mid <= 40"),
+        ((24.0, 10), "must be Python ints"),
+        ((24,), "must be Python ints"),
+    ],
+    ids=["n_full-0", "n_full-negative", "n_full-past-buffer", "n_mid-negative", "n_mid-past-buffer", "float", "one"],
+)
+def test_host_lengths_are_checked_against_the_buffers(lengths, match):
+    decoder, q, kf, vf, mid_k, mid_v, _ = _poisoned_decoder_inputs(24, 40)
+    error = TypeError if match.startswith("must") else ValueError
+    with pytest.raises(error, match=match):
+        decoder(q, kf, vf, mid_k, mid_v, lengths)
+    with pytest.raises(ValueError, match="int32 tensor"):
+        decoder(q, kf, vf, mid_k, mid_v, torch.tensor([24, 10], device=DEVICE))  # int64
+
+
+@pytest.mark.parametrize(
+    "asked, clamped",
+    [((0, 40), (1, 40)), ((-5, -3), (1, 0)), ((100, 100), (24, 40)), ((24, 2**31 - 1), (24, 40)), ((7, 13), (7, 13))],
+    ids=["n_full-0", "negative", "past-both-buffers", "n_mid-huge", "in-range"],
+)
+def test_device_lengths_are_clamped_to_the_buffers(asked, clamped):
+    """Lengths read on the device are clamped into [1, Nf] and [0, Nm]: the output is the attention over the clamped
+    lengths, finite, and no program reads past the buffers (the poison past them would show as NaN)."""
+    decoder, q, kf, vf, mid_k, mid_v, (k_full, v_full, groups) = _poisoned_decoder_inputs(24, 40)
+    lengths = torch.tensor(asked, dtype=torch.int32, device=DEVICE)
+    out = decoder(q, kf, vf, mid_k, mid_v, lengths)
+    assert torch.isfinite(out).all()
+    expected = reference(q, k_full, v_full, groups, torch.tensor(clamped, device=DEVICE))
+    torch.testing.assert_close(out, expected, **TOL)
+    assert not decoder.count.any()
 
 
 def test_one_launch_per_call(monkeypatch):
     """The decoder's call is exactly one kernel launch (the merge included)."""
     launches = []
-    kernel = decode_leank._leank_layer_kernel
+    kernel = leank_kernel.leank_layer_kernel
 
     class Counting:
         def __getitem__(self, grid):
@@ -244,7 +337,7 @@ def test_one_launch_per_call(monkeypatch):
 
     q, k, v, keep, k_full, v_full, groups = _decoder_inputs(1, 8, 4, 150, 64, [0, 16, 48, 64], 16, 40, seed=3)
     decoder = LeanKDecoder(HeadGroups.from_mask(keep), 1, 8, DTYPE, DEVICE, k_full.shape[2], groups[0].k.shape[2])
-    monkeypatch.setattr(decode_leank, "_leank_layer_kernel", Counting())
+    monkeypatch.setattr(leank_kernel, "leank_layer_kernel", Counting())
     decoder(q, k_full, v_full, [g.k for g in groups], [g.v for g in groups], (k_full.shape[2], groups[0].k.shape[2]))
     assert len(launches) == 1
 
@@ -253,10 +346,10 @@ def test_eight_groups_in_one_launch_and_nine_refused():
     """Up to MAX_GROUPS distinct kept counts share the launch; more raise a ValueError naming the fix."""
     q, k, v = qkv(1, 8, 8, 100, 128, seed=37)
     keep = random_keep(8, 128, [16, 32, 48, 64, 80, 96, 112, 128], seed=9)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 16)
-    assert len(groups) == decode_leank.MAX_GROUPS
+    k_full, v_full, groups = layout(k, v, keep, 8, 16)
+    assert len(groups) == leank_decoder.MAX_GROUPS
     out = leank_decode(q, k_full, v_full, groups)
-    torch.testing.assert_close(out, masked_dense_reference(q, k, v, keep, 8, 16), **TOL)
+    torch.testing.assert_close(out, masked_sdpa(q, k, v, keep, 8, 16), **TOL)
     keep9 = torch.zeros(9, 256, dtype=torch.bool)
     for h in range(9):
         keep9[h, : 16 * (h + 1)] = True
@@ -267,7 +360,7 @@ def test_eight_groups_in_one_launch_and_nine_refused():
 def test_leank_all_channels_kept_is_dense():
     q, k, v = qkv(2, 8, 4, 130, 64, seed=11)
     keep = torch.ones(4, 64, dtype=torch.bool, device=DEVICE)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 16, 32)
+    k_full, v_full, groups = layout(k, v, keep, 16, 32)
     assert [g.k.shape[3] for g in groups] == [64]
     torch.testing.assert_close(leank_decode(q, k_full, v_full, groups), sdpa_expanded(q, k, v), **TOL)
 
@@ -277,7 +370,7 @@ def test_leank_any_channel_and_head_order():
     B, H, G, N, D = 1, 8, 4, 100, 64
     q, k, v = qkv(B, H, G, N, D, seed=13)
     keep = random_keep(G, D, [32, 32, 32, 16], seed=3)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 24)
+    k_full, v_full, groups = layout(k, v, keep, 8, 24)
     expected = leank_decode(q, k_full, v_full, groups)
     shuffled = []
     for grp in groups:
@@ -298,7 +391,7 @@ def test_leank_layout_shapes_and_values():
     B, G, N, D, sink, recent = 2, 4, 100, 64, 8, 24
     _, k, v = qkv(B, 4, G, N, D, seed=17)
     keep = random_keep(G, D, [0, 16, 48, 16], seed=5)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, sink, recent)
+    k_full, v_full, groups = layout(k, v, keep, sink, recent)
     assert k_full.shape == v_full.shape == (B, G, sink + recent, D)
     torch.testing.assert_close(k_full, torch.cat([k[:, :, :sink], k[:, :, N - recent :]], dim=2), rtol=0, atol=0)
     assert [(g.kv_heads.tolist(), g.k.shape[3]) for g in groups] == [([1, 3], 16), ([2], 48)]
@@ -376,7 +469,7 @@ def test_no_cuda_and_no_interpreter_is_refused(monkeypatch):
         check_runnable(cpu, interpret=False)
     check_runnable(cpu, interpret=True)  # the interpreter runs CPU tensors
     # The wrappers ask the same function, with what the module recorded at import.
-    monkeypatch.setattr(decode_dense, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRETED", False)
     q, k, v = (t.cpu() for t in qkv(1, 4, 2, 5, 64))
     with pytest.raises(RuntimeError, match="no CUDA and TRITON_INTERPRET is not set"):
         dense_decode(q, k, v)
@@ -392,7 +485,7 @@ def test_interpreter_refuses_bfloat16():
 def _leank_inputs(counts=(16, 0), D=64):
     q, k, v = qkv(1, 4, 2, 40, D, seed=29)
     keep = random_keep(2, D, list(counts), seed=1)
-    k_full, v_full, groups = leank_layout_from_dense(k, v, keep, 8, 8)
+    k_full, v_full, groups = layout(k, v, keep, 8, 8)
     return q, k_full, v_full, groups
 
 
@@ -467,7 +560,7 @@ def test_leank_full_part_errors():
     with pytest.raises(TypeError, match=r"cast them with \.to\(q\.dtype\)"):
         leank_decode(q, k_full, v_full, [MiddleGroup(g.kv_heads, g.channels, g.k.half(), g.v) for g in groups])
     with pytest.raises(ValueError, match=r"keep has shape \[2, 32\] but the cache needs \[2, 64\]"):
-        leank_layout_from_dense(k_full, v_full, torch.ones(2, 32, dtype=torch.bool), 8, 8)
+        layout(k_full, v_full, torch.ones(2, 32, dtype=torch.bool), 8, 8)
 
 
 # ----------------------------------------------------------------------------------------------
