@@ -162,12 +162,3 @@ def leank_layout_from_dense(
 
 
 MIN_KEPT = 16  # kept counts of a middle group are multiples of this: the Triton kernel's tl.dot needs >= 16 channels
-
-
-def check_windows(sink: int, recent: int, block: int = 1) -> None:
-    """Raise unless sink >= 0, recent >= 1 (a query always sees itself) and block >= 1 (tokens compacted at a time)."""
-    if sink < 0 or recent < 1 or block < 1:
-        raise ValueError(
-            f"sink={sink}, recent={recent}, block={block}: need sink >= 0, recent >= 1 (the query's own token is "
-            "recent) and block >= 1 (tokens compacted at a time); SmolLM2 defaults are sink=16, recent=64, block=32."
-        )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leank_ref.masks import kept_counts, validate_mask, zero_head_rule
-from leank_ref.windows import SMOLLM2, Windows
+from leank_ref.windows import SMOLLM2, Windows, check_windows
 
 __all__ = ["MaskStats", "MemoryReport", "mask_stats", "memory_formula"]
 
@@ -91,8 +91,7 @@ def memory_formula(
     ``bytes_per_value``: 2 for bf16/fp16, 4 for fp32. ``allocated`` is left at 0 (it depends on the buffers'
     growth, not on the mask).
     """
-    if not isinstance(windows, Windows):
-        raise TypeError(f"windows must be a leank_ref.windows.Windows, e.g. Windows(16, 64, 32); got {windows!r}")
+    check_windows(windows)
     if tokens < 0 or batch < 1 or bytes_per_value < 1:
         raise ValueError(
             f"need tokens >= 0, batch >= 1, bytes_per_value >= 1; got {tokens}, {batch}, {bytes_per_value}"

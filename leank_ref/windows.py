@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AUTHORS_DEPLOY", "AUTHORS_TRAIN", "SMOLLM2", "Windows", "effective_recent", "middle_length"]
+__all__ = [
+    "AUTHORS_DEPLOY",
+    "AUTHORS_TRAIN",
+    "SMOLLM2",
+    "Windows",
+    "check_windows",
+    "effective_recent",
+    "middle_length",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,13 @@ class Windows:
 SMOLLM2 = Windows(16, 64, 32)  # the defaults: scaled to SmolLM2 at 0.5-4K tokens (80 full-K tokens, 2% of 4K)
 AUTHORS_DEPLOY = Windows(128, 768, 128)  # the authors' deployment (Zhang et al., 2025, Sec. 4)
 AUTHORS_TRAIN = Windows(128, 1024, 1)  # the authors' training windows for Llama (block 1: no compaction)
+
+
+def check_windows(windows: object) -> Windows:
+    """Return ``windows`` if it is a :class:`Windows`, else raise a ``TypeError`` that names the fix."""
+    if not isinstance(windows, Windows):
+        raise TypeError(f"windows must be a leank_ref.windows.Windows, e.g. Windows(16, 64, 32); got {windows!r}")
+    return windows
 
 
 def middle_length(tokens: int, sink: int, recent: int, block: int) -> int:

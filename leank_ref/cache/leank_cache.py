@@ -20,22 +20,13 @@ from leank_ref.layout import MIN_KEPT, HeadGroups
 from leank_ref.masks import check_align, validate_mask
 from leank_ref.memory import MemoryReport
 from leank_ref.models import check_supported, model_facts
-from leank_ref.windows import SMOLLM2, Windows
+from leank_ref.windows import SMOLLM2, Windows, check_windows
 
 from .layer import LeanKLayer
 
-__all__ = ["LeanKCache", "check_windows_type"]
+__all__ = ["LeanKCache"]
 
 ATTENTIONS = (None, "sdpa", "eager", ATTN_NAME)  # model attention settings whose masks the prefill path reads
-
-
-def check_windows_type(windows) -> Windows:
-    """Return ``windows`` if it is a :class:`~leank_ref.windows.Windows`, else raise naming the fix."""
-    if not isinstance(windows, Windows):
-        raise TypeError(
-            f"windows must be a leank_ref.windows.Windows, e.g. Windows(sink=16, recent=64, block=32); got {windows!r}."
-        )
-    return windows
 
 
 def model_device(model) -> torch.device | None:
@@ -92,7 +83,7 @@ class LeanKCache(Cache):
         facts = model_facts(config)
         align = facts.head_dim // 4 if align is None else align
         check_align(align, facts.head_dim)
-        self.windows = check_windows_type(windows)
+        self.windows = check_windows(windows)
         if static and (max_tokens is None or max_tokens < 1):
             raise ValueError("static=True preallocates the cache: give max_tokens (prompt + new tokens).")
         check_backend(backend, model_device(model))

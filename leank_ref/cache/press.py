@@ -33,10 +33,10 @@ from leank_ref.layout import MIN_KEPT
 from leank_ref.masks import check_align, validate_mask
 from leank_ref.memory import MemoryReport, memory_formula
 from leank_ref.models import cache_argument
-from leank_ref.windows import SMOLLM2, Windows
+from leank_ref.windows import SMOLLM2, Windows, check_windows
 
 from .hook import LeanKAttention
-from .leank_cache import LeanKCache, check_windows_type
+from .leank_cache import LeanKCache
 
 __all__ = ["LeanKHandle", "LeanKPress", "apply_leank"]
 
@@ -64,7 +64,7 @@ class LeanKPress:
             raise ValueError(f"mask must be [layers, kv_heads, head_dim]; got shape {list(mask.shape)}.")
         align = mask.shape[-1] // 4 if self.align is None else self.align
         check_align(align, mask.shape[-1])
-        check_windows_type(self.windows)
+        check_windows(self.windows)
         check_backend(self.backend)
         if self.backend == "triton" and align % MIN_KEPT:
             raise ValueError(f"backend='triton' needs align to be a multiple of {MIN_KEPT}; got align={align}.")

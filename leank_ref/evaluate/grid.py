@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leank_ref.data import SOURCES, Example, make_example
-from leank_ref.windows import SMOLLM2, Windows
+from leank_ref.windows import SMOLLM2, Windows, check_windows
 
 SEED_BASE = {
     "passkey": 10_000,
@@ -57,10 +57,7 @@ class EvalGrid:
     tolerance: float = TOLERANCE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.windows, Windows):
-            raise TypeError(
-                f"windows must be a leank_ref.windows.Windows, e.g. Windows(16, 64, 32); got {self.windows!r}"
-            )
+        check_windows(self.windows)
         unknown = set(self.methods) - set(ALL_METHODS) - {"dense"}
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {sorted(ALL_METHODS)}.")

@@ -21,7 +21,7 @@ from pathlib import Path
 from leank_ref.data import TASKS
 from leank_ref.masks import check_align, check_ratio
 from leank_ref.models import model_facts
-from leank_ref.windows import SMOLLM2, Windows
+from leank_ref.windows import SMOLLM2, Windows, check_windows
 
 STAGE2_VARIANTS = ("deployed", "authors")  # stage 2's forward pass, see leank_ref.train.loss
 STAGE_DEFAULTS = {  # the authors' per-stage values of the fields that differ between the stages
@@ -135,8 +135,7 @@ class TrainSettings:
         elif self.ratio is not None:
             check_ratio(self.ratio)
         check_align(self.align, head_dim)
-        if not isinstance(self.windows, Windows):
-            raise TypeError(f"windows={self.windows!r} must be a leank_ref.windows.Windows.")
+        check_windows(self.windows)
         if not 0 < self.context_min <= self.context_max:
             raise ValueError(f"context_min={self.context_min} and context_max={self.context_max} need 0 < min <= max.")
         if self.windows.full >= self.context_min:

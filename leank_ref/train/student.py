@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from leank_ref.masks import zero_head_rule
-from leank_ref.windows import Windows
+from leank_ref.windows import Windows, check_windows
 
 
 def student_attention(
@@ -101,9 +101,7 @@ class StudentAttention:
         decode_start: int,
         exclude_zero_heads: bool = True,
     ):
-        if not isinstance(windows, Windows):
-            raise TypeError(f"windows={windows!r} must be a leank_ref.windows.Windows.")
-        self.scale, self.windows = scale, windows
+        self.scale, self.windows = scale, check_windows(windows)
         self.decode_start = decode_start
         self.exclude_zero_heads = exclude_zero_heads
 
