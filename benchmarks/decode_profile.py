@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # The shapes, windows and mask of the kernel benchmark (benchmarks/ is on sys.path when a script there runs).
-from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, WINDOWS, D, G, H  # noqa: E402
+from decode_kernels import FLUSH_BYTES, MASK, N_RECENT, N_SINK, WINDOWS, H  # noqa: E402
 from leank_ref.kernels import (  # noqa: E402
     LeanKDecoder,
     dense_decode,
@@ -49,10 +49,16 @@ from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
 from leank_ref.static_decode import capture_graph  # noqa: E402
 
+MODELS = {  # --model: released mask, query heads, result file
+    "llama": (MASK, H, "decode_profile.json"),
+    "qwen": ("masks/reference/qwen2.5-7b-instruct.pth", 28, "decode_profile_qwen.json"),
+}
 
-def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dtype):
+
+def build_step(B: int, N: int, keep: torch.Tensor, device: str, dtype: torch.dtype, heads: int = H):
     """q [B, H, D], per-layer dense caches and per-layer LeanK layouts (one decoding step's attention)."""
-    q = torch.randn(B, H, D, device=device, dtype=dtype)
+    _, G, D = keep.shape
+    q = torch.randn(B, heads, D, device=device, dtype=dtype)
     dense, leank = [], []
     for layer in range(keep.shape[0]):
         k = torch.randn(B, G, N, D, device=device, dtype=dtype)
@@ -67,11 +73,30 @@ def layer_decoders(q: torch.Tensor, keep: torch.Tensor, leank, full_only: bool =
     B, H_, _ = q.shape
     calls = []
     for layer, (kf, vf, groups) in enumerate(leank):
-        heads = HeadGroups((), (), G, D) if full_only else HeadGroups.from_mask(keep[layer])
+        heads = HeadGroups((), (), *keep.shape[1:]) if full_only else HeadGroups.from_mask(keep[layer])
         groups = [] if full_only else groups
         nm = groups[0].k.shape[2] if groups else 0
         dec = LeanKDecoder(heads, B, H_, q.dtype, q.device, kf.shape[2], nm)
         calls.append((dec, kf, vf, [g.k for g in groups], [g.v for g in groups], (kf.shape[2], nm)))
+    return calls
+
+
+def all_ones_decoders(q: torch.Tensor, dense) -> list:
+    """The all-ones control: LeanK's decoder with every channel of every head kept (one middle group of width D).
+
+    The full window is copied out (sink + recent tokens); the middle store is a view of the dense cache, so the
+    control reads exactly the dense bytes without a second copy of the cache.
+    """
+    B, heads_q, _ = q.shape
+    calls = []
+    for k, v in dense:
+        _, g, n, d = k.shape
+        nm = WINDOWS.middle_length(n)
+        s = WINDOWS.sink
+        full = torch.cat([torch.arange(s), torch.arange(s + nm, n)]).to(k.device)
+        kf, vf = k[:, :, full].contiguous(), v[:, :, full].contiguous()
+        dec = LeanKDecoder(HeadGroups.from_mask(torch.ones(g, d)), B, heads_q, q.dtype, q.device, kf.shape[2], nm)
+        calls.append((dec, kf, vf, [k[:, :, s : s + nm]], [v[:, :, s : s + nm]], (kf.shape[2], nm)))
     return calls
 
 
@@ -95,14 +120,22 @@ def step_functions(q, dense, leank, keep) -> dict:
     fns["dense_triton"] = lambda: [dense_decode(q, k, v) for k, v in dense]
     fns["leank_triton"] = lambda: [dec(q, *rest) for dec, *rest in decoders]
     fns["leank_full_part_only"] = lambda: [dec(q, *rest) for dec, *rest in full_only]
+    ones = all_ones_decoders(q, dense)
+    fns["leank_all_ones"] = lambda: [dec(q, *rest) for dec, *rest in ones]
     return fns
 
 
 def check_outputs(q, leank, fns: dict) -> dict:
     """Largest relative error of LeanK against the torch reference, over all layers."""
-    refs = [leank_decode_torch(q, kf, vf, groups, D**-0.5).float() for kf, vf, groups in leank]
+    scale = q.shape[-1] ** -0.5
+    refs = [leank_decode_torch(q, kf, vf, groups, scale).float() for kf, vf, groups in leank]
     outs = [o.clone() for o in fns["leank_triton"]()]  # each decoder reuses its output buffer
-    return {"leank_triton": max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs))}
+    dense = [o.float() for o in fns["dense_triton"]()]  # every channel: what the all-ones control must give
+    ones = [o.clone().float() for o in fns["leank_all_ones"]()]
+    return {
+        "leank_triton": max(float((o.float() - r).norm() / r.norm()) for o, r in zip(outs, refs)),
+        "leank_all_ones_vs_dense": max(float((o - r).norm() / r.norm()) for o, r in zip(ones, dense)),
+    }
 
 
 def time_step(fn, flush: torch.Tensor, reps: int) -> dict:
@@ -160,9 +193,9 @@ def kernel_profile(fn, steps: int = 3) -> dict:
     }
 
 
-def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps: int) -> dict:
+def profile_shape(B: int, N: int, keep: torch.Tensor, flush: torch.Tensor, reps: int, heads: int = H) -> dict:
     """Eager and graph step times of every method at one shape, and LeanK's kernel profile."""
-    q, dense, leank = build_step(B, N, keep, "cuda", torch.bfloat16)
+    q, dense, leank = build_step(B, N, keep, "cuda", torch.bfloat16, heads)
     fns = step_functions(q, dense, leank, keep.cpu())
     L = keep.shape[0]
     result = {"B": B, "N": N, "layers": L, "eager": {}, "graph": {}}
@@ -210,7 +243,7 @@ def cpu_check() -> None:
     outs = {name: [o.clone() for o in fn()] for name, fn in fns.items()}
     print("relative errors against the reference:", check_outputs(q, leank, fns))
     for layer, (kf, vf, groups) in enumerate(leank):
-        ref = leank_decode_torch(q, kf, vf, groups, D**-0.5)
+        ref = leank_decode_torch(q, kf, vf, groups, q.shape[-1] ** -0.5)
         err = (outs["leank_triton"][layer] - ref).abs().max().item()
         print(f"layer {layer}: {len(groups)} groups, leank_triton vs reference max |diff| {err:.2e}")
         assert err < 1e-4
@@ -228,6 +261,13 @@ def main() -> None:
         help="BxN, e.g. 8x32768",
     )
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="llama",
+        help="whose released mask and attention shape: llama (Llama-3.1-8B: 32 layers, H 32, G 8; writes "
+        "decode_profile.json) or qwen (Qwen2.5-7B: 28 layers, H 28, G 4; writes decode_profile_qwen.json)",
+    )
     parser.add_argument("--cpu-check", action="store_true", help="check the logic at tiny shapes without CUDA")
     args = parser.parse_args()
     if args.cpu_check:
@@ -238,12 +278,21 @@ def main() -> None:
     if args.out is None:
         raise SystemExit("--out DIR is required")
     torch.manual_seed(0)
-    keep = load_mask(MASK) > 0.5  # [L, G, D]
+    mask_path, heads, file_name = MODELS[args.model]
+    keep = load_mask(mask_path) > 0.5  # [L, G, D]
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     report = {
         **provenance("cuda"),
-        "shapes": {"H": H, "G": G, "D": D, "dtype": "bfloat16", "sink": N_SINK, "recent": N_RECENT},
-        "mask": MASK,
+        "shapes": {
+            "H": heads,
+            "G": keep.shape[1],
+            "D": keep.shape[2],
+            "dtype": "bfloat16",
+            "sink": N_SINK,
+            "recent": N_RECENT,
+            "layers": keep.shape[0],
+        },
+        "mask": mask_path,
         "timing": "one decoding step = all 32 layers back to back, each with its own cache; L2 flushed before "
         "each step; median over --reps steps. eager: launched from Python (host time included where the GPU "
         "cannot hide it); graph: the same step captured once as a CUDA graph and replayed (GPU kernel time). "
@@ -252,9 +301,9 @@ def main() -> None:
     }
     for shape in args.shapes:
         B, N = (int(x) for x in shape.split("x"))
-        report["results"].append(profile_shape(B, N, keep, flush, args.reps))
+        report["results"].append(profile_shape(B, N, keep, flush, args.reps, heads))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode_profile.json").write_text(json.dumps(report, indent=1))
+        (args.out / file_name).write_text(json.dumps(report, indent=1))
     print(f"\n{'shape':>12} {'best sdpa':>10} {'graph x':>8} {'eager x':>8} {'host us/layer leank':>20} {'sdpa':>6}")
     for r in report["results"]:
         best = r["best_sdpa_eager"]
