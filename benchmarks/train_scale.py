@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["provenance"] = provenance(device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        result["provenance"] = provenance(device)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")  # after each model: a cut-short run keeps it
+        print(f"wrote {args.out}")
     return result
 
 
