@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 
 STYLE = {
     "figure.dpi": 110,
@@ -85,3 +86,41 @@ def training_curves(axes, records: list[dict], keys: tuple[str, ...], title: str
     for ax, key in zip(axes, keys):
         ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
         ax.set(xlabel="step", title=f"{title}{key}")
+
+
+def moving_average(values, window: int = 20) -> torch.Tensor:
+    """Trailing mean over the last ``window`` values (fewer at the start), as a float64 tensor of the same length.
+
+    Training logs draw a new example every step, so their raw per-step losses are noisy; plot this instead.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64)
+    total = torch.cat([torch.zeros(1, dtype=x.dtype), x.cumsum(0)])
+    end = torch.arange(1, len(x) + 1)
+    start = (end - window).clamp(min=0)
+    return (total[end] - total[start]) / (end - start)
+
+
+def draw_cache_layer(ax, layer, what: str, kept: list[int]) -> None:
+    """Draw what one LeanK cache layer stores, K or V (``what``): one lane per KV head, as tall as the channels
+    stored, token position across; dashed, what a dense cache stores. ``kept``: the layer's kept count per head."""
+    from matplotlib.patches import Rectangle
+
+    g, n_full, d = layer.keys.shape[1], layer.keys.shape[2], layer.keys.shape[3]
+    n_mid, sink = layer.middle, min(layer.sink, layer.length)
+    width = dict.fromkeys(range(g), 0)  # channels stored per middle token, per head
+    for grp in layer.groups:
+        for h in grp.kv_heads.tolist():
+            width[h] = grp.k.shape[-1] if what == "K" else grp.v.shape[-1]
+    for h in range(g):
+        y = (g - 1 - h) * (d + 12)
+        ax.add_patch(Rectangle((0, y), layer.length, d, fill=False, ls="--", lw=0.8, ec="gray"))
+        ax.add_patch(Rectangle((0, y), sink, d, color="tab:blue"))
+        ax.add_patch(Rectangle((sink + n_mid, y), n_full - sink, d, color="tab:blue"))
+        if width[h]:
+            ax.add_patch(Rectangle((sink, y), n_mid, width[h], color="tab:orange"))
+        label = f"head {h}: keeps {int(kept[h])} K ch." if what == "K" else f"head {h}"
+        if not width[h]:
+            label += ", middle dropped"
+        ax.text(sink + n_mid / 2, y + 0.8 * d, label, ha="center", va="center", fontsize=8)
+    ax.set(xlim=(-5, layer.length + 5), ylim=(-6, g * (d + 12)), yticks=[], xlabel="token position")
+    ax.set_title(f"{what} cache, layer {layer.layer_idx} ({layer.length} tokens)")
