@@ -62,7 +62,7 @@ if "--cpu-check" in sys.argv:  # the interpreter must be chosen before the kerne
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
 
 from leank_ref.attention import default_attention, use_hook  # noqa: E402
 from leank_ref.cache import LeanKAttention, LeanKCache  # noqa: E402
@@ -70,34 +70,9 @@ from leank_ref.masks import load_mask  # noqa: E402
 from leank_ref.memory import memory_formula  # noqa: E402
 from leank_ref.models import cache_argument  # noqa: E402
 from leank_ref.provenance import provenance  # noqa: E402
+from leank_ref.shapes import LLAMA_3_1_8B, TINY, random_model  # noqa: E402
 from leank_ref.windows import Windows
 
-LLAMA_31_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072 + 1024,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-TINY = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 MASK = "masks/reference/llama3.1-8b-instruct.pth"
 SINK, RECENT, BLOCK = 128, 768, 128
 GIB = 1 << 30
@@ -116,21 +91,6 @@ DENSE_MODES = ("dense_eager", "dense_graph", "dense_triton_graph")  # real dense
 FIXED_MODES = ("sdpa_fixed_cudnn_graph", "sdpa_fixed_flash_graph")  # fixed-length stand-ins (see the docstring)
 SHAPES = ((1, 4096), (8, 4096), (32, 4096), (1, 32768), (8, 32768), (1, 131072))
 HEADLINE = {"B1_N4K": (1, 4096), "B8_N32K": (8, 32768), "B1_N128K": (1, 131072)}
-
-
-def build_model(config: dict, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    """A Llama model of ``config`` with random weights (transformers' own initialisation), in eval mode."""
-    cfg = LlamaConfig(**config)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:
@@ -485,7 +445,8 @@ def check_targets(head: dict) -> list[dict]:
 def setup(cpu: bool):
     """The model, its mask and windows for a run (tiny and float32 for the CPU check)."""
     device = "cpu" if cpu else "cuda"
-    model = build_model(TINY if cpu else LLAMA_31_8B, torch.float32 if cpu else torch.bfloat16, device)
+    config = TINY if cpu else {**LLAMA_3_1_8B, "max_position_embeddings": 131072 + 1024}  # room to decode past 128K
+    model = random_model("llama", config, device, torch.float32 if cpu else torch.bfloat16)
     cfg = model.config
     if cpu:
         gen = torch.Generator().manual_seed(0)

@@ -35,63 +35,18 @@ from leank_ref.data import Example
 from leank_ref.masks import binarize
 from leank_ref.models import model_facts
 from leank_ref.provenance import provenance
+from leank_ref.shapes import LLAMA_3_1_8B, QWEN_2_5_7B, TINY, random_model
 from leank_ref.train.loss import Prefilled, answer_hidden_states, prefill_context, straight_through, student_loss
 from leank_ref.train.settings import TrainSettings
 from leank_ref.train.trainer import Trainer
 from leank_ref.windows import AUTHORS_TRAIN, Windows
 
-# Published configurations (config.json of meta-llama/Llama-3.1-8B-Instruct and Qwen/Qwen2.5-7B-Instruct).
-LLAMA_3_1_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    tie_word_embeddings=False,
-)
-QWEN_2_5_7B = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=131072,  # the card reaches 128K with YaRN (factor 4 over 32768); RoPE cost is the same
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=False,
-)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 MODELS = {"llama-3.1-8b-shape": ("llama", LLAMA_3_1_8B), "qwen2.5-7b-shape": ("qwen2", QWEN_2_5_7B)}
 CPU_MODELS = {
     "tiny-llama": ("llama", {**LLAMA_3_1_8B, **TINY, "vocab_size": 512}),
     "tiny-qwen2": ("qwen2", {**QWEN_2_5_7B, **TINY, "vocab_size": 512}),
 }
 RECIPE = {"stage1_steps": 2000, "stage2_steps": 200, "context_min": 4000, "context_max": 96000}
-
-
-def build_model(model_type: str, values: dict, device: str, dtype: torch.dtype):
-    """A randomly initialised model of this configuration, made directly on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        model_type
-    ]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = model_class._from_config(config_class(**values), dtype=dtype)
-    return model.eval().requires_grad_(False)
 
 
 def random_example(vocab: int, context: int, answer: int) -> Example:
@@ -242,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["models"] = {k: v for k, v in previous.get("models", {}).items() if k not in chosen}
     for name in chosen:
         model_type, values = models[name]
-        model = build_model(model_type, values, str(device), dtype)
+        model = random_model(model_type, values, device, dtype)
         rows = []
         for context in contexts:
             for stage in (1, 2):

@@ -62,8 +62,8 @@ def write_results(root: Path, pruned: bool, kernel: float, decode: float, ones: 
     headline = {"B8_N32K": {"speedup_vs_best_dense": decode, "speedup_vs_all_ones": ones}}
     provenance = {"device": "NVIDIA H200"}
     (bench / "end_to_end.json").write_text(json.dumps({"headline": headline, "provenance": provenance}))
-    kernels = [{"B": 8, "N": 32768, "methods": {"leank_triton": {"speedup_vs_best_sdpa": kernel}}}]
-    (bench / "decode_kernels.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
+    kernels = [{"B": 8, "N": 32768, "kernel_speedup_graph": kernel, "best_sdpa_graph": "sdpa_cudnn"}]
+    (bench / "decode_profile.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
     ratios = {"0.5": True, "0.7": held_at_07, "0.8": False}
     write_windows_grid(root, {"pydoc": {"leank": {"ratios": ratios}}, "stdlib": {"leank": {"ratios": ratios}}})
 
@@ -117,10 +117,10 @@ def test_every_measured_shape_gets_a_row(tmp_path):
     write_results(tmp_path, pruned=True, kernel=1.35, decode=1.8, ones=1.5, held_at_07=True)
     bench = tmp_path / "benchmarks" / "results"
     kernels = [
-        {"B": b, "N": n, "methods": {"leank_triton": {"speedup_vs_best_sdpa": v}}}
+        {"B": b, "N": n, "kernel_speedup_graph": v, "best_sdpa_graph": "sdpa_cudnn"}
         for b, n, v in ((8, 32768, 1.4), (1, 4096, 0.9), (1, 131072, 1.2))
     ]
-    (bench / "decode_kernels.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
+    (bench / "decode_profile.json").write_text(json.dumps({"device": "NVIDIA H200", "results": kernels}))
     headline = {f"B{b}_N{n}K": {"speedup_vs_all_ones": v} for b, n, v in ((8, 32, 1.5), (1, 4, 1.01), (32, 4, 1.1))}
     (bench / "end_to_end.json").write_text(json.dumps({"headline": headline}))
     rows = scorecard(tmp_path)
