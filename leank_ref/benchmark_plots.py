@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
-from leank_ref.benchmark_tables import E2E_MODES, PAPER, end_to_end_rows, modes_in, result_source
+from leank_ref.benchmark_tables import E2E_MODES, PAPER, end_to_end_rows, modes_in, planned_shapes, result_source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +82,11 @@ def cache_layout_figure(layer_mask: torch.Tensor, layer: int, heads: list[int], 
 # ---------------------------------------------------------------------------------------------
 # Result figures
 # ---------------------------------------------------------------------------------------------
+def _values(rows: list[dict], key: str) -> list[float]:
+    """``row[key]`` per row, NaN (nothing drawn) where the value is missing or ``None``."""
+    return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+
 def kernel_figure(rows: list[dict], source: str):
     """LeanK over the best SDPA backend per shape: kernel time (graph) and eager step, with the byte roofline."""
     fig, (ax_t, ax_h) = plt.subplots(
@@ -92,20 +97,21 @@ def kernel_figure(rows: list[dict], source: str):
         ("kernel_speedup_graph", dict(marker="o", ms=8), "kernel time (CUDA graph of 32 layers)"),
         ("kernel_speedup_eager", dict(marker="s", ms=7, mfc="none"), "eager step (host work included)"),
     ):
-        ax_t.plot(x, [r[key] for r in rows], ls="none", color="tab:green", label=label, **style)
-    if any("ones_over_best_sdpa" in r for r in rows):
-        ones = [r.get("ones_over_best_sdpa", float("nan")) for r in rows]
+        ax_t.plot(x, _values(rows, key), ls="none", color="tab:green", label=label, **style)
+    if any(r.get("ones_over_best_sdpa") is not None for r in rows):
+        ones = _values(rows, "ones_over_best_sdpa")
         ax_t.plot(x, ones, "d", ms=6, color="tab:orange", label="all-ones control (graph)")
-    ax_t.plot(x, [r["byte_roofline"] for r in rows], "k_", ms=18, mew=2, label="byte roofline")
+    ax_t.plot(x, _values(rows, "byte_roofline"), "k_", ms=18, mew=2, label="byte roofline")
     ax_t.axhline(1.0, color="tab:gray", lw=1, label="best SDPA backend")
     paper = PAPER["attention kernel"]
     ax_t.axhline(paper, color="tab:purple", ls=":", lw=1.2, label=f"paper's kernel speed-up ({paper}x)")
-    ax_t.set_xticks(x, [r["shape"] for r in rows])
+    labels = [r["shape"] + ("\nnot measured" if r.get("kernel_speedup_graph") is None else "") for r in rows]
+    ax_t.set_xticks(x, labels)
     ax_t.set(ylabel="LeanK speed-up over the best SDPA", title="Attention of one decoding step (32 layers)")
     w = 0.38
-    ax_h.bar(x - w / 2, [r["sdpa_host_us_per_layer"] for r in rows], w, color="tab:gray", label="best SDPA")
-    ax_h.bar(x + w / 2, [r["leank_host_us_per_layer"] for r in rows], w, color="tab:green", label="LeanK")
-    ax_h.set_xticks(x, [r["shape"] for r in rows], fontsize=8)
+    ax_h.bar(x - w / 2, _values(rows, "sdpa_host_us_per_layer"), w, color="tab:gray", label="best SDPA")
+    ax_h.bar(x + w / 2, _values(rows, "leank_host_us_per_layer"), w, color="tab:green", label="LeanK")
+    ax_h.set_xticks(x, labels, fontsize=8)
     ax_h.set(ylabel="µs of host time per layer", title="Host enqueue per layer (eager)")
     ax_h.legend(fontsize=7)
     fig.legend(*ax_t.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
@@ -140,7 +146,8 @@ def end_to_end_figure(e2e: dict):
     ax.set_yscale("log")
     ax.set(ylabel="ms per decoding step (log)", title="Llama-3.1-8B (random bf16 weights) decoding, whole model")
     fig.legend(loc="outside lower center", ncols=3, fontsize=7)
-    fig.suptitle(f"Measured on one {result_source(e2e)}", fontsize=9)
+    note = "" if e2e.get("complete", True) else f"\nincomplete run: {e2e.get('note', 'some shapes not measured')}"
+    fig.suptitle(f"Measured on one {result_source(e2e)}{note}", fontsize=9)
     return fig
 
 
@@ -203,14 +210,20 @@ def decode_profile_figure(profile: dict, ideal_ms: dict[tuple[int, int], float] 
     """Whole 32-layer attention steps per shape, eager and as CUDA graphs, for every method of decode_profile.json
     that has a time; a method with none (SDPA's memory-efficient backend has no kernel for these shapes) is named
     under the figure with the file's reason."""
-    results = profile["results"]
+    by_shape = {(r["B"], r["N"]): r for r in profile["results"]}
+    shapes = planned_shapes(profile)
     cols = 3
-    rows_n = -(-len(results) // cols)
+    rows_n = -(-len(shapes) // cols)
     fig, axes = plt.subplots(
         rows_n, cols, figsize=(5.2 * cols, 3.2 * rows_n + 0.6), squeeze=False, layout="constrained"
     )
     absent = {}
-    for ax, r in zip(axes.flat, results):
+    for ax, (batch, tokens) in zip(axes.flat, shapes):
+        r = by_shape.get((batch, tokens))
+        if r is None:  # asked for, not reached: say so instead of leaving the shape out
+            ax.text(0.5, 0.5, "not measured\n(the run ended before this shape)", ha="center", va="center")
+            ax.set(title=f"B{batch} N{tokens // 1024}K", xticks=[], yticks=[])
+            continue
         keys = []
         for k in PROFILE_NAMES:
             if k not in r["eager"]:
@@ -229,9 +242,9 @@ def decode_profile_figure(profile: dict, ideal_ms: dict[tuple[int, int], float] 
         ax.set_yticks(y, [PROFILE_NAMES[k] for k in keys], fontsize=8)
         ax.invert_yaxis()
         ax.set(xlabel="ms per 32-layer step", title=f"B{r['B']} N{r['N'] // 1024}K")
-    for ax in list(axes.flat)[len(results) :]:
+    for ax in list(axes.flat)[len(shapes) :]:
         ax.set_visible(False)
-    handles, names = axes.flat[0].get_legend_handles_labels()
+    handles, names = axes.flat[shapes.index(next(iter(by_shape)))].get_legend_handles_labels()
     note = "; ".join(f"{PROFILE_NAMES.get(k, k)}: {why}" for k, why in absent.items())
     fig.legend(handles, names, loc="outside lower center", ncols=3, fontsize=8)
     title = f"Whole attention steps, eager vs CUDA graph; measured on one {result_source(profile)}"

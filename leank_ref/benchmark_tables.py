@@ -46,6 +46,9 @@ E2E_MODES = {
 }
 
 
+NOT_MEASURED = "not measured"
+
+
 def load_result(name: str, root: str | Path | None = None) -> dict | None:
     """A committed result file ``benchmarks/results/<name>.json`` of the checkout ``root`` (default: the one at or
     above the working directory); ``None`` when it is not there yet."""
@@ -71,11 +74,45 @@ def format_rows(rows: list[dict], columns: dict[str, str]) -> str:
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
-        return "-" if v is None else str(v)
+        return NOT_MEASURED if v is None else str(v)
 
     table = [list(columns.values())] + [[cell(r.get(k)) for k in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
+
+
+def planned_shapes(result: dict) -> list[tuple[int, int]]:
+    """The (batch, tokens) shapes the runs of a result file were asked for (``--shapes BxN`` of each recorded
+    ``invocations`` command, by context then batch), measured or not; the measured ones when it records no command."""
+    planned = []
+    for run in result.get("invocations", []):
+        words = run.get("command", "").split()
+        if "--shapes" in words:
+            for word in words[words.index("--shapes") + 1 :]:
+                if word.startswith("--"):
+                    break
+                shape = tuple(int(x) for x in word.split("x"))
+                if shape not in planned:
+                    planned.append(shape)
+    measured = [(r["B"], r["N"]) for r in result.get("results", [])]
+    shapes = planned + [s for s in measured if s not in planned] if planned else measured
+    return sorted(shapes, key=lambda s: (s[1], s[0]))  # by context, then batch
+
+
+def unmeasured_shapes(result: dict) -> list[str]:
+    """The shapes a result file's runs were asked for that have no result in it (e.g. a run cut off by a time
+    limit), as ``B1 N32K``."""
+    measured = {(r["B"], r["N"]) for r in result.get("results", [])}
+    return [shape_name(b, n) for b, n in planned_shapes(result) if (b, n) not in measured]
+
+
+def median_ms(section: dict, method: str) -> float | None:
+    """``section[method]["median_ms"]``, or ``None`` when that method has no time there."""
+    return section.get(method, {}).get("median_ms")
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den == 0 else num / den
 
 
 def attention_step_bytes(
@@ -97,77 +134,101 @@ def attention_step_bytes(
 
 def kernel_rows(profile: dict, counts: torch.Tensor, windows: Windows, rules: Rules = RULES) -> list[dict]:
     """Per shape of ``decode_profile.json``: LeanK's 32-layer attention step over the best SDPA backend, as kernel
-    time (graph) and eager step, the byte roofline from the mask, and the scorecard's verdict on the graph number."""
+    time (graph) and eager step, the byte roofline from the mask, the all-ones control against the best dense kernel
+    (SDPA or our dense Triton kernel), and the scorecard's verdict on the graph number. A shape the runs were asked
+    for but did not reach gets a row whose numbers are ``None`` (printed "not measured")."""
     heads, head_dim = profile["shapes"]["H"], profile["shapes"]["D"]
+    by_shape = {(r["B"], r["N"]): r for r in profile.get("results", [])}
     rows = []
-    for r in profile["results"]:
-        best_g, best_e = r["best_sdpa_graph"], r["best_sdpa_eager"]
-        dense_b, leank_b = attention_step_bytes(counts, r["B"], r["N"], heads, head_dim, windows.sink, windows.recent)
-        graph = r["graph"]
-        row = {
-            "shape": shape_name(r["B"], r["N"]),
-            "B": r["B"],
-            "N": r["N"],
-            "best_sdpa": best_g.removeprefix("sdpa_"),
-            "sdpa_graph_ms": graph[best_g]["median_ms"],
-            "leank_graph_ms": graph["leank_triton"]["median_ms"],
-            "kernel_speedup_graph": r["kernel_speedup_graph"],
-            "byte_roofline": dense_b / leank_b,
-            "share_of_roofline": r["kernel_speedup_graph"] * leank_b / dense_b,
-            "kernel_speedup_eager": r["kernel_speedup_eager"],
-            "sdpa_host_us_per_layer": r["eager"][best_e]["host_enqueue_us_per_layer"],
-            "leank_host_us_per_layer": r["eager"]["leank_triton"]["host_enqueue_us_per_layer"],
-            "verdict": rules.speed(r["kernel_speedup_graph"], PAPER["attention kernel"]),
+    for batch, tokens in planned_shapes(profile):
+        dense_b, leank_b = attention_step_bytes(counts, batch, tokens, heads, head_dim, windows.sink, windows.recent)
+        row = {"shape": shape_name(batch, tokens), "B": batch, "N": tokens, "byte_roofline": dense_b / leank_b}
+        r = by_shape.get((batch, tokens))
+        if r is None:
+            rows.append(row | {"verdict": NOT_MEASURED})
+            continue
+        graph, eager = r["graph"], r["eager"]
+        best_g, best_e = r.get("best_sdpa_graph"), r.get("best_sdpa_eager")
+        speedup = r.get("kernel_speedup_graph")
+        dense_kernels = {m: median_ms(graph, m) for m in (best_g, "dense_triton") if median_ms(graph, m) is not None}
+        best_dense = min(dense_kernels, key=dense_kernels.get) if dense_kernels else None
+        ones = median_ms(graph, "leank_all_ones")  # the same decoder keeping every channel: dense bytes
+        row |= {
+            "best_sdpa": best_g.removeprefix("sdpa_") if best_g else None,
+            "sdpa_graph_ms": median_ms(graph, best_g) if best_g else None,
+            "leank_graph_ms": median_ms(graph, "leank_triton"),
+            "kernel_speedup_graph": speedup,
+            "share_of_roofline": None if speedup is None else speedup * leank_b / dense_b,
+            "kernel_speedup_eager": r.get("kernel_speedup_eager"),
+            "sdpa_host_us_per_layer": eager.get(best_e, {}).get("host_enqueue_us_per_layer"),
+            "leank_host_us_per_layer": eager.get("leank_triton", {}).get("host_enqueue_us_per_layer"),
+            "verdict": NOT_MEASURED if speedup is None else rules.speed(speedup, PAPER["attention kernel"]),
+            "best_dense_kernel": best_dense,
+            "best_dense_ms": dense_kernels.get(best_dense),
+            "ones_graph_ms": ones,
+            "ones_over_best_sdpa": _ratio(median_ms(graph, best_g) if best_g else None, ones),
+            "ones_slower_than_best_dense": None if best_dense is None else _ratio(ones, dense_kernels[best_dense]),
+            "leank_over_ones": _ratio(ones, median_ms(graph, "leank_triton")),
         }
-        ones = graph.get("leank_all_ones", {}).get("median_ms")
-        if ones is not None:  # the same decoder keeping every channel: dense bytes through LeanK's kernel
-            row["ones_over_best_sdpa"] = graph[best_g]["median_ms"] / ones
-            row["leank_over_ones"] = ones / graph["leank_triton"]["median_ms"]
+        if row["ones_slower_than_best_dense"] is not None:
+            row["ones_slower_than_best_dense"] -= 1.0
         rows.append(row)
     return rows
 
 
 def bandwidth_rows(profile: dict, counts: torch.Tensor, windows: Windows, copy_gbps: float) -> list[dict]:
     """Per shape (graph timing): bytes per second of LeanK and of the best SDPA against a copy ceiling, and what the
-    full window alone costs per layer against the time its own bytes take at that ceiling."""
+    full window alone costs per layer against the time its own bytes take at that ceiling. Shapes the runs did not
+    reach, and methods with no time, give ``None`` (printed "not measured")."""
     heads, head_dim = profile["shapes"]["H"], profile["shapes"]["D"]
+    by_shape = {(r["B"], r["N"]): r for r in profile.get("results", [])}
+    window = windows.sink + windows.recent
     rows = []
-    for r in profile["results"]:
+    for batch, tokens in planned_shapes(profile):
+        row = {"shape": shape_name(batch, tokens)}
+        r = by_shape.get((batch, tokens))
+        if r is None:
+            rows.append(row)
+            continue
         layers, graph = r["layers"], r["graph"]
-        dense_b, leank_b = attention_step_bytes(counts, r["B"], r["N"], heads, head_dim, windows.sink, windows.recent)
-        window = windows.sink + windows.recent
-        full_b = attention_step_bytes(counts, r["B"], window, heads, head_dim, windows.sink, windows.recent)[0]
-        leank_gbps = leank_b / graph["leank_triton"]["median_ms"] / 1e6
-        sdpa_gbps = dense_b / graph[r["best_sdpa_graph"]]["median_ms"] / 1e6
-        full_us = graph["leank_full_part_only"]["median_ms"] / layers * 1e3
-        rows.append(
-            {
-                "shape": shape_name(r["B"], r["N"]),
-                "leank_GBps": leank_gbps,
-                "leank_share": leank_gbps / copy_gbps,
-                "sdpa_GBps": sdpa_gbps,
-                "sdpa_share": sdpa_gbps / copy_gbps,
-                "full_us_per_layer": full_us,
-                "full_bytes_us_per_layer": full_b / layers / (copy_gbps * 1e3),
-                "full_share_of_step": graph["leank_full_part_only"]["median_ms"] / graph["leank_triton"]["median_ms"],
-            }
-        )
+        dense_b, leank_b = attention_step_bytes(counts, batch, tokens, heads, head_dim, windows.sink, windows.recent)
+        full_b = attention_step_bytes(counts, batch, window, heads, head_dim, windows.sink, windows.recent)[0]
+        leank_ms = median_ms(graph, "leank_triton")
+        sdpa_ms = median_ms(graph, r.get("best_sdpa_graph", ""))
+        full_ms = median_ms(graph, "leank_full_part_only")
+        leank_gbps = _ratio(leank_b / 1e6, leank_ms)
+        sdpa_gbps = _ratio(dense_b / 1e6, sdpa_ms)
+        row |= {
+            "leank_GBps": leank_gbps,
+            "leank_share": _ratio(leank_gbps, copy_gbps),
+            "sdpa_GBps": sdpa_gbps,
+            "sdpa_share": _ratio(sdpa_gbps, copy_gbps),
+            "full_us_per_layer": None if full_ms is None else full_ms / layers * 1e3,
+            "full_bytes_us_per_layer": full_b / layers / (copy_gbps * 1e3),
+            "full_share_of_step": _ratio(full_ms, leank_ms),
+        }
+        rows.append(row)
     return rows
 
 
 def profile_rows(profile: dict) -> tuple[list[dict], dict[str, str]]:
-    """Per shape of ``decode_profile.json``: every method's graph and eager ms in one row; and the methods that
-    have no time at all, with the reason the file gives (e.g. SDPA's memory-efficient backend: no kernel)."""
-    rows, absent = [], {}
-    for r in profile["results"]:
-        row = {"shape": shape_name(r["B"], r["N"])}
-        for name in r["eager"]:
-            eager = r["eager"][name].get("median_ms")
-            graph = r["graph"].get(name, {}).get("median_ms")
-            if eager is None and graph is None:
-                absent[name] = r["eager"][name].get("error", "not measured")
-                continue
-            row[f"{name}_graph"], row[f"{name}_eager"] = graph, eager
+    """Per shape the runs were asked for: every method's graph and eager ms in one row (``None`` where it has no
+    time, and for a shape not reached); and the methods that have no time at any shape, with the reason the file
+    gives (e.g. SDPA's memory-efficient backend: no kernel)."""
+    results = {(r["B"], r["N"]): r for r in profile.get("results", [])}
+    methods = list(dict.fromkeys(m for r in results.values() for m in (*r["eager"], *r["graph"])))
+    timed = {m for r in results.values() for m in methods if median_ms(r["eager"], m) or median_ms(r["graph"], m)}
+    absent = {}
+    for m in methods:
+        if m not in timed:
+            why = next((r["eager"].get(m, {}).get("error") for r in results.values() if m in r["eager"]), None)
+            absent[m] = why or NOT_MEASURED
+    rows = []
+    for batch, tokens in planned_shapes(profile):
+        row, r = {"shape": shape_name(batch, tokens)}, results.get((batch, tokens))
+        for m in (m for m in methods if m in timed):
+            row[f"{m}_graph"] = None if r is None else median_ms(r["graph"], m)
+            row[f"{m}_eager"] = None if r is None else median_ms(r["eager"], m)
         rows.append(row)
     return rows, absent
 
@@ -202,8 +263,9 @@ def end_to_end_rows(e2e: dict) -> list[dict]:
         head = e2e.get("headline", {}).get(name, {})
         row = {"shape": name.replace("_", " ")}
         for mode in E2E_MODES:
-            row[mode] = r.get(mode, {}).get("step_ms")
-            row[f"{mode}_peak"] = r.get(mode, {}).get("peak_gib")
+            entry = r.get(mode) if isinstance(r.get(mode), dict) else {}
+            row[mode] = entry.get("step_ms")
+            row[f"{mode}_peak"] = entry.get("peak_gib")
         for key in ("speedup_vs_best_dense", "speedup_vs_all_ones", "speedup_vs_fixed_sdpa_graph"):
             row[key] = head.get(key)
         row["best_dense_mode"] = head.get("best_dense_mode")
@@ -214,4 +276,4 @@ def end_to_end_rows(e2e: dict) -> list[dict]:
 
 def modes_in(e2e: dict) -> list[str]:
     """The modes of ``E2E_MODES`` that ``end_to_end.json`` measured at some shape."""
-    return [m for m in E2E_MODES if any("step_ms" in r.get(m, {}) for r in e2e["decode"])]
+    return [m for m in E2E_MODES if any("step_ms" in (r.get(m) or {}) for r in e2e["decode"])]
