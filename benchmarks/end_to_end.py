@@ -154,8 +154,9 @@ def eager_step(model, cache, flash: bool):
 def capture_static_step(model, cache, batch: int, position: int, fixed: bool = False):
     """One decode step over transformers' ``StaticCache`` captured as a CUDA graph (static ids and position).
 
-    Without an attention mask transformers' static-cache decode attends over the whole preallocated length
-    (the few slots past the current position are still zeros): the cost of N + a few tokens, as in generate.
+    transformers hands a static-cache decode step the K and V of the whole preallocated buffer together with an
+    explicit boolean mask that hides the slots past the current position, so attention reads the whole buffer and
+    SDPA cannot use its mask-free kernels: the cost of N + a few tokens, as in generate.
     ``fixed``: the step first sets the cache's write counters back to ``position`` (inside the graph: one small
     fill per layer), so every replay rewrites the same slot and the length never changes.
     """
