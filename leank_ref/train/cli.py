@@ -12,7 +12,7 @@ import argparse
 
 _SETTINGS_OPTIONS = (  # TrainSettings fields the command line sets directly (windows come from sink/recent/block)
     "steps", "lr", "reg_weight", "ratio", "align", "context_min", "context_max", "tasks", "init", "warmup",
-    "decay", "lr_floor", "variant", "seed", "batch", "pool", "prefill_chunk", "threads",
+    "decay", "lr_floor", "variant", "empty_head_gradient", "seed", "batch", "pool", "prefill_chunk", "threads",
 )  # fmt: skip
 
 
@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("deployed", "authors"),
         help="stage 2's forward pass: 'deployed' (default; the cache's exact attention) or 'authors' "
         "(where(mask, s, 0), zero-count heads' middle keys at logit 0)",
+    )
+    add(
+        "--empty-head-gradient",
+        choices=("none", "top"),
+        help="deployed stage 2: 'top' gives emptied heads the gradient of reading their middle through their best "
+        "align channels (forward unchanged), so they can come back; default 'none'",
     )
     add("--seed", type=int, help="data and RNG seed (default 0)")
     add("--batch", type=int, help="examples per step, shared by the torchrun processes (default 1)")

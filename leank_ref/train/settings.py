@@ -23,6 +23,8 @@ from leank_ref.masks import check_align, check_ratio
 from leank_ref.models import model_facts
 from leank_ref.windows import SMOLLM2, Windows, check_windows
 
+EMPTY_HEAD_GRADIENTS = ("none", "top")  # stage 2 deployed: emptied heads' backward pass, see leank_ref.train.surrogate
+
 STAGE2_VARIANTS = ("deployed", "authors")  # stage 2's forward pass, see leank_ref.train.loss
 STAGE_DEFAULTS = {  # the authors' per-stage values of the fields that differ between the stages
     1: {"stage": 1, "steps": 2000, "lr": 0.02, "reg_weight": 0.06},
@@ -50,6 +52,7 @@ class TrainSettings:
     decay: float = 0.2  # share of steps decaying at the end (authors: steps // 5)
     lr_floor: float = 0.1  # the schedule never goes below this share of lr (authors: 0.1)
     variant: str = "deployed"  # stage 2's forward pass: "deployed" (exact cache attention) or "authors"
+    empty_head_gradient: str = "none"  # deployed stage 2: "top" lets emptied heads' factors get a gradient
     seed: int = 0  # data and RNG seed
     batch: int = 1  # examples per optimizer step, split evenly over the data-parallel ranks
     pool: int = 0  # examples prefilled once and cycled through; 0: a fresh example every step
@@ -145,6 +148,15 @@ class TrainSettings:
             )
         if self.variant not in STAGE2_VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {list(STAGE2_VARIANTS)}.")
+        if self.empty_head_gradient not in EMPTY_HEAD_GRADIENTS:
+            raise ValueError(
+                f"empty_head_gradient={self.empty_head_gradient!r}: choose one of {list(EMPTY_HEAD_GRADIENTS)}."
+            )
+        if self.empty_head_gradient != "none" and not self.excludes_zero_heads:
+            raise ValueError(
+                f"empty_head_gradient={self.empty_head_gradient!r} is for stage 2's deployed variant (the only one "
+                "that empties heads); use --stage 2 --variant deployed, or leave it at 'none'."
+            )
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks={list(self.tasks)}: choose one or more of {sorted(TASKS)}.")

@@ -137,7 +137,7 @@ class Trainer:
             last = i == len(batch) - 1
             with nullcontext() if last or self.parallel is self.module else self.parallel.no_sync():
                 scale = self.parallel(mask, hard)
-                distill = student_loss(self.model, ready, scale, s)
+                distill = student_loss(self.model, ready, scale, s, self.factors.detach())
                 reg = self.factors.abs().mean()
                 ((distill + s.reg_weight * reg) / len(batch)).backward()
             distill_sum = distill_sum + distill.detach().cpu()
