@@ -66,10 +66,12 @@ def grid_from(args) -> EvalGrid:
 
 
 def run(args, configs: list[Config], grid: EvalGrid) -> tuple[list[dict], float, float]:
-    torch.set_num_threads(1)
-    model, tokenizer = load_model()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    model, tokenizer = load_model(device=args.device)
     start, cpu = time.perf_counter(), cpu_seconds()
-    rows = evaluate_specs(model, tokenizer, grid.specs(), configs, grid, workers=args.workers)
+    workers = args.workers if args.device == "cpu" else 1  # one process drives a GPU
+    rows = evaluate_specs(model, tokenizer, grid.specs(), configs, grid, workers=workers)
     return rows, time.perf_counter() - start, cpu_seconds() - cpu
 
 
@@ -107,7 +109,7 @@ def experiment(args) -> dict:
         "rows": rows,
         "wall_s": wall,
         "cpu_s_main_process": cpu,
-        "workers": args.workers,
+        "workers": args.workers if args.device == "cpu" else 1,
     }
 
 
@@ -139,7 +141,7 @@ def compare_masks(args) -> dict:
         "rows": rows,
         "wall_s": wall,
         "cpu_s_main_process": cpu,
-        "workers": args.workers,
+        "workers": args.workers if args.device == "cpu" else 1,
     }
 
 
@@ -153,12 +155,13 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["passkey", "kv_retrieval", "continuation"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10, help="per (task, source, length)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="CPU: processes of one thread each")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (one process)")
     parser.add_argument("--no-single", action="store_true", help="experiment: only the combined surgeries")
     args = parser.parse_args()
     report = experiment(args) if args.mode == "experiment" else compare_masks(args)
     report["command"] = shlex.join(["python", "benchmarks/empty_heads.py", *sys.argv[1:]])
-    report["provenance"] = provenance("cpu")
+    report["provenance"] = provenance(args.device)
     rows = report.pop("rows")
     out = ROOT / "results"
     write_csv(out / f"{args.name}_samples.csv", rows)
