@@ -60,6 +60,7 @@ def grid_from(args) -> EvalGrid:
         ratios=(RATIO,),
         tasks=tuple(args.tasks),
         lengths=tuple(args.lengths),
+        sources=tuple(args.sources),
         samples=args.samples,
         uniform_ablation=False,
     )
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--factors", default="masks/smollm2-135m_stage1_factors.pth", help="its stage-1 factors")
     parser.add_argument("--mask", action="append", default=[], help="compare: name=path (first = reference)")
     parser.add_argument("--tasks", nargs="+", default=["passkey", "kv_retrieval", "continuation"])
+    parser.add_argument(
+        "--sources", nargs="+", default=["pydoc", "stdlib"], help="pydoc: training text; stdlib: held out"
+    )
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10, help="per (task, source, length)")
     parser.add_argument("--workers", type=int, default=2, help="CPU: processes of one thread each")
