@@ -79,6 +79,46 @@ def binarize(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
     return top_count_mask(f, counts)
 
 
+def kv_pruned_ratio(mask: torch.Tensor) -> float:
+    """Share of the middle tokens' K + V values a mask prunes: per head, ``kept`` K channels plus ``D`` V values if
+    it keeps any (an empty head stores no middle V, :func:`zero_head_rule`), against ``2 * D`` for a dense head."""
+    counts = kept_counts(mask)
+    d = mask.shape[-1]
+    stored = counts.sum() + d * (counts > 0).sum()
+    return 1.0 - float(stored) / (2 * d * counts.numel())
+
+
+def binarize_kv(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
+    """Binarize factors [L, G, D] under a budget in K *and* V bytes: prune ``ratio`` of the middle's K + V values.
+
+    A head keeping ``c`` channels (a multiple of ``align``) stores ``c`` K values per middle token, plus ``D`` V
+    values if ``c > 0`` (:func:`kv_pruned_ratio`). Every head takes the count that maximises (sum of its top ``c``
+    factors) - lambda * (its values stored), and lambda is the smallest that meets the budget (bisection): the
+    quantile rule of :func:`binarize`, with each head's first block also paying for its V. Each head keeps its
+    largest factors (ties: lower index).
+    """
+    check_ratio(ratio)
+    check_shape(factors, None, "factors")
+    layers, heads, d = factors.shape
+    check_align(align, d)
+    f = factors.detach().float().cpu()
+    check_finite(f, "factors")
+    options = torch.arange(0, d + 1, align)  # candidate counts [K]
+    top_sums = f.sort(-1, descending=True).values.cumsum(-1)  # [L, G, D]
+    value = torch.cat([torch.zeros(layers, heads, 1), top_sums[..., options[1:] - 1]], dim=-1)  # [L, G, K]
+    stored = (options + d * (options > 0)).float()  # [K]
+    budget = (1.0 - float(ratio)) * 2 * d * layers * heads
+
+    def choice(lam: float) -> torch.Tensor:  # [L, G] index into options; ties -> the smaller count
+        return (value - lam * stored).argmax(-1)
+
+    low, high = 0.0, float(f.max()) + 1.0  # at `high` every head stores nothing
+    for _ in range(64):
+        mid = (low + high) / 2
+        low, high = (low, mid) if float(stored[choice(mid)].sum()) <= budget else (mid, high)
+    return top_count_mask(f, options[choice(high)])
+
+
 def kept_counts(mask: torch.Tensor) -> torch.Tensor:
     """Int [L, G]: kept channels per (layer, KV head)."""
     return mask.sum(-1).round().long()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 _SETTINGS_OPTIONS = (  # TrainSettings fields the command line sets directly (windows come from sink/recent/block)
-    "steps", "lr", "reg_weight", "ratio", "align", "context_min", "context_max", "tasks", "init", "warmup",
-    "decay", "lr_floor", "variant", "seed", "batch", "pool", "prefill_chunk", "threads",
+    "steps", "lr", "reg_weight", "ratio", "budget", "align", "context_min", "context_max", "tasks", "init", "warmup",
+    "decay", "lr_floor", "variant", "empty_head_gradient", "seed", "batch", "pool", "prefill_chunk", "threads",
 )  # fmt: skip
 
 
@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "minutes: a pool of 48 prefilled examples, 300 + 100 steps, 256-1024-token contexts)",
     )
     add("--ratio", type=float, help="stage 2: share of K channels to prune, in (0, 1)")
+    add(
+        "--budget",
+        choices=("k", "kv"),
+        help="stage 2: what --ratio prunes: 'k' (default; K channels) or 'kv' (the middle's K + V bytes, so an "
+        "emptied head's V counts)",
+    )
     add("--align", type=int, help="kept count per head is a multiple of this (default 16; authors 32)")
     add("--steps", type=int, help="default 2000 (stage 1) / 200 (stage 2), the authors' values")
     add("--lr", type=float, help="default 0.02 (stage 1) / 0.01 (stage 2), the authors' values")
@@ -47,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("deployed", "authors"),
         help="stage 2's forward pass: 'deployed' (default; the cache's exact attention) or 'authors' "
         "(where(mask, s, 0), zero-count heads' middle keys at logit 0)",
+    )
+    add(
+        "--empty-head-gradient",
+        choices=("none", "top"),
+        help="deployed stage 2: 'top' gives emptied heads the gradient of reading their middle through their best "
+        "align channels (forward unchanged), so they can come back; default 'none'",
     )
     add("--seed", type=int, help="data and RNG seed (default 0)")
     add("--batch", type=int, help="examples per step, shared by the torchrun processes (default 1)")

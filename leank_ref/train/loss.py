@@ -16,7 +16,8 @@ gradient and can come back. Two forward passes (``TrainSettings.variant``):
 * ``"deployed"`` (the default) trains exactly what the LeanK cache computes: kept channels enter the logits
   unscaled (the hard 0/1 mask), and a head with no kept channel skips its middle tokens (see
   :func:`~leank_ref.masks.zero_head_rule`). The gradient reaches the factors straight through the mask.
-  Such a head's factors get no gradient; it regains channels only when other factors fall below its own.
+  Such a head's factors get no gradient; it regains channels only when other factors fall below its own,
+  unless ``TrainSettings.empty_head_gradient="top"`` gives them a surrogate one (:mod:`leank_ref.train.surrogate`).
 * ``"authors"``: the authors' code, ``where(mask, s, 0)`` (kept channels scaled by their factor) and a zero
   head's middle keys at logit 0. What it trains differs from what the cache deploys in both ways.
 """
@@ -34,6 +35,7 @@ from leank_ref.data import IGNORE_INDEX, Example
 from leank_ref.models import cache_argument
 from leank_ref.train.settings import TrainSettings
 from leank_ref.train.student import StudentAttention
+from leank_ref.train.surrogate import EmptyHeadSurrogate, surrogate_channels
 
 
 def _device(model) -> torch.device:
@@ -88,14 +90,25 @@ def answer_hidden_states(model, cache: DynamicCache, example: Example, hook=None
 
 
 def student_hook(
-    scale: torch.Tensor, example: Example, settings: TrainSettings, deployed: bool | None = None
+    scale: torch.Tensor,
+    example: Example,
+    settings: TrainSettings,
+    deployed: bool | None = None,
+    factors: torch.Tensor | None = None,
 ) -> StudentAttention:
     """The student's attention for this example: answer queries see ``K * scale`` for middle keys.
 
     ``deployed`` (default: ``settings.excludes_zero_heads``) makes a head whose scale is all zero skip its middle
     tokens, as the deployed cache does; with a 0/1 ``scale`` the hook is then exactly the deployed attention.
+    With ``settings.empty_head_gradient == "top"`` such heads also pass the surrogate gradient of
+    :mod:`leank_ref.train.surrogate`, which ranks channels by ``factors`` (the current factors, required then).
     """
     exclude = settings.excludes_zero_heads if deployed is None else deployed
+    if exclude and settings.empty_head_gradient == "top":
+        if factors is None:
+            raise ValueError("empty_head_gradient='top' ranks channels by the current factors: pass factors=.")
+        channels = surrogate_channels(factors, settings.align)
+        return EmptyHeadSurrogate(scale, channels, settings.training_windows, example.length_context)
     return StudentAttention(scale, settings.training_windows, example.length_context, exclude)
 
 
@@ -115,16 +128,22 @@ def prefill(model, example: Example, chunk: int = 0) -> Prefilled:
     return Prefilled(example, cache, answer_hidden_states(model, cache, example))
 
 
-def student_loss(model, prefilled: Prefilled, scale: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
-    """MSE between the student's and the teacher's answer states, averaged over answer positions (with grad)."""
+def student_loss(
+    model, prefilled: Prefilled, scale: torch.Tensor, settings: TrainSettings, factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE between the student's and the teacher's answer states, averaged over answer positions (with grad).
+
+    ``factors``: the current factors, needed only by ``settings.empty_head_gradient="top"``."""
     ex = prefilled.example
-    student = answer_hidden_states(model, prefilled.cache, ex, student_hook(scale, ex, settings))
+    student = answer_hidden_states(model, prefilled.cache, ex, student_hook(scale, ex, settings, factors=factors))
     return (student - prefilled.teacher).pow(2).mean(-1).mean()
 
 
-def distillation_loss(model, example: Example, scale: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+def distillation_loss(
+    model, example: Example, scale: torch.Tensor, settings: TrainSettings, factors: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss of one example: one no-grad prefill and teacher pass, then the student's answer pass."""
-    return student_loss(model, prefill(model, example, settings.prefill_chunk), scale, settings)
+    return student_loss(model, prefill(model, example, settings.prefill_chunk), scale, settings, factors)
 
 
 @torch.no_grad()

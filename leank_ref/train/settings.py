@@ -18,10 +18,15 @@ import shlex
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 from leank_ref.data import TASKS
-from leank_ref.masks import check_align, check_ratio
+from leank_ref.masks import binarize, binarize_kv, check_align, check_ratio
 from leank_ref.models import model_facts
 from leank_ref.windows import SMOLLM2, Windows, check_windows
+
+BUDGETS = ("k", "kv")  # stage 2: what the ratio prunes, K channels or the middle's K + V bytes (masks.binarize_kv)
+EMPTY_HEAD_GRADIENTS = ("none", "top")  # stage 2 deployed: emptied heads' backward pass, see leank_ref.train.surrogate
 
 STAGE2_VARIANTS = ("deployed", "authors")  # stage 2's forward pass, see leank_ref.train.loss
 STAGE_DEFAULTS = {  # the authors' per-stage values of the fields that differ between the stages
@@ -39,7 +44,8 @@ class TrainSettings:
     steps: int = 2000  # authors: 2000 (stage 1), 200 (stage 2)
     lr: float = 0.02  # authors: 0.02 (stage 1), 0.01 (stage 2)
     reg_weight: float = 0.06  # L1 weight lambda; authors: 0.06 (stage 1), 0 (stage 2)
-    ratio: float | None = None  # stage 2: share of K channels pruned; authors ship 0.7
+    ratio: float | None = None  # stage 2: share of K channels pruned (budget "kv": of middle K+V); authors 0.7
+    budget: str = "k"  # stage 2: "k" (the ratio counts K channels) or "kv" (it counts the middle's K + V bytes)
     align: int = 16  # kept channels per head are a multiple of this; authors: 32 for head_dim 128
     windows: Windows = SMOLLM2  # authors: sink 128, recent 1024 in training (768 deployed, block 128)
     context_min: int = 512  # shortest training context, tokens; authors: 4000
@@ -50,6 +56,7 @@ class TrainSettings:
     decay: float = 0.2  # share of steps decaying at the end (authors: steps // 5)
     lr_floor: float = 0.1  # the schedule never goes below this share of lr (authors: 0.1)
     variant: str = "deployed"  # stage 2's forward pass: "deployed" (exact cache attention) or "authors"
+    empty_head_gradient: str = "none"  # deployed stage 2: "top" lets emptied heads' factors get a gradient
     seed: int = 0  # data and RNG seed
     batch: int = 1  # examples per optimizer step, split evenly over the data-parallel ranks
     pool: int = 0  # examples prefilled once and cycled through; 0: a fresh example every step
@@ -145,6 +152,17 @@ class TrainSettings:
             )
         if self.variant not in STAGE2_VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose one of {list(STAGE2_VARIANTS)}.")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r}: choose one of {list(BUDGETS)}.")
+        if self.empty_head_gradient not in EMPTY_HEAD_GRADIENTS:
+            raise ValueError(
+                f"empty_head_gradient={self.empty_head_gradient!r}: choose one of {list(EMPTY_HEAD_GRADIENTS)}."
+            )
+        if self.empty_head_gradient != "none" and not self.excludes_zero_heads:
+            raise ValueError(
+                f"empty_head_gradient={self.empty_head_gradient!r} is for stage 2's deployed variant (the only one "
+                "that empties heads); use --stage 2 --variant deployed, or leave it at 'none'."
+            )
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks={list(self.tasks)}: choose one or more of {sorted(TASKS)}.")
@@ -167,6 +185,14 @@ class TrainSettings:
         Stage 1 and the authors' stage 2 give them logit 0, as the authors' training does.
         """
         return self.stage == 2 and self.variant == "deployed"
+
+    def binarize(self, factors: torch.Tensor) -> torch.Tensor:
+        """Stage 2's 0/1 mask of ``factors`` at ``ratio``: :func:`~leank_ref.masks.binarize` (budget "k") or
+        :func:`~leank_ref.masks.binarize_kv` (budget "kv", V bytes charged too)."""
+        if self.ratio is None:
+            raise ValueError("binarizing needs ratio= (the share to prune, e.g. 0.7).")
+        rule = binarize_kv if self.budget == "kv" else binarize
+        return rule(factors, self.ratio, self.align)
 
     def cache_settings(self) -> dict:
         """The keywords :func:`leank_ref.cache.apply_leank` takes from these settings (windows, align)."""

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from leank_ref.data import IGNORE_INDEX, Example
-from leank_ref.masks import binarize
 from leank_ref.models import model_facts
 from leank_ref.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -110,7 +109,7 @@ class Trainer:
 
     def current_mask(self) -> torch.Tensor:
         """The binarization of the current factors (stage 2's forward mask) [L, G, D], on CPU."""
-        return binarize(self.factors.detach(), self.settings.ratio, self.settings.align)
+        return self.settings.binarize(self.factors.detach())
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -137,7 +136,7 @@ class Trainer:
             last = i == len(batch) - 1
             with nullcontext() if last or self.parallel is self.module else self.parallel.no_sync():
                 scale = self.parallel(mask, hard)
-                distill = student_loss(self.model, ready, scale, s)
+                distill = student_loss(self.model, ready, scale, s, self.factors.detach())
                 reg = self.factors.abs().mean()
                 ((distill + s.reg_weight * reg) / len(batch)).backward()
             distill_sum = distill_sum + distill.detach().cpu()
@@ -246,5 +245,5 @@ class Trainer:
         if checkpoint is not None:
             self.save_checkpoint(checkpoint)
         factors = self.factors.detach().cpu().clone()
-        mask = binarize(factors, self.settings.ratio, self.settings.align) if self.settings.stage == 2 else None
+        mask = self.settings.binarize(factors) if self.settings.stage == 2 else None
         return TrainResult(factors, mask, list(self.log), time.perf_counter() - start)
