@@ -45,6 +45,8 @@ def test_wheel_holds_the_package_the_kernels_and_every_shipped_mask(wheel):
     shipped = {p.relative_to(ROOT / "masks").as_posix() for p in (ROOT / "masks").rglob("*.pth")}
     assert shipped and {f"leank_ref/_masks/{name}" for name in shipped} <= names
     assert not any(n.startswith(("tests/", "notebooks/", "benchmarks/", "masks/")) for n in names)
+    subpackages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "leank_ref").rglob("__init__.py")}
+    assert subpackages <= names, f"subpackages missing from the wheel (pyproject's packages): {subpackages - names}"
 
 
 def test_requires_python_matches_the_readme():
@@ -152,3 +154,9 @@ def test_help_is_fast_and_plain_text():
         check=True,
     ).stdout
     assert modules.strip() == "['leank_ref.__main__']"
+
+
+def test_installed_commands_all_load(venv_python, tmp_path):
+    """Every command's module imports from the wheel (a subpackage left out of it fails here)."""
+    for command in ("train", "evaluate", "scorecard"):
+        assert "usage:" in run_installed(venv_python, ["-m", "leank_ref", command, "--help"], tmp_path)
