@@ -101,11 +101,20 @@ def experiment(args) -> dict:
         "combined_moves": {
             kind: [asdict(m) for m in combined_moves(mask, factors, ALIGN, kind)[1]] for kind in ("swap", "restore")
         },
+        **report_body(args, configs, grid, rows, (wall, cpu), methods, combined),
+    }
+
+
+def report_body(args, configs, grid, rows, times, pooled: list, split: list) -> dict:
+    """The part both result files share: bytes, grid, paired comparisons (``pooled`` methods over lengths and tasks,
+    ``split`` methods per task and per length), summary, rows and timing."""
+    wall, cpu = times
+    return {
         "bytes": {str(n): bytes_of(configs, n, grid.windows) for n in (*grid.lengths, 4096)},
         "grid": asdict(grid),
-        "comparisons": analyze_moves(rows, methods, RATIO, grid.tolerance, ("source",)),
-        "comparisons_by_task": analyze_moves(rows, combined, RATIO, grid.tolerance, ("source", "task")),
-        "comparisons_by_length": analyze_moves(rows, combined, RATIO, grid.tolerance, ("source", "length")),
+        "comparisons": analyze_moves(rows, pooled, RATIO, grid.tolerance, ("source",)),
+        "comparisons_by_task": analyze_moves(rows, split, RATIO, grid.tolerance, ("source", "task")),
+        "comparisons_by_length": analyze_moves(rows, split, RATIO, grid.tolerance, ("source", "length")),
         "summary": summarize(rows),
         "rows": rows,
         "wall_s": wall,
@@ -133,16 +142,7 @@ def compare_masks(args) -> dict:
     return {
         "what": f"masks compared paired with '{ref}' (labelled {BASE!r} in the rows): positive = better than it",
         "masks": {name: {"path": path, "sha256": sha256(ROOT / path)} for name, path in named},
-        "bytes": {str(n): bytes_of(configs, n, grid.windows) for n in (*grid.lengths, 4096)},
-        "grid": asdict(grid),
-        "comparisons": analyze_moves(rows, methods + [BASE], RATIO, grid.tolerance, ("source",)),
-        "comparisons_by_task": analyze_moves(rows, methods, RATIO, grid.tolerance, ("source", "task")),
-        "comparisons_by_length": analyze_moves(rows, methods, RATIO, grid.tolerance, ("source", "length")),
-        "summary": summarize(rows),
-        "rows": rows,
-        "wall_s": wall,
-        "cpu_s_main_process": cpu,
-        "workers": args.workers if args.device == "cpu" else 1,
+        **report_body(args, configs, grid, rows, (wall, cpu), methods + [BASE], methods),
     }
 
 
