@@ -3,6 +3,7 @@
     python benchmarks/train_scale.py                       # one GPU; writes benchmarks/results/train_scale.json
     python benchmarks/train_scale.py --models qwen2.5-7b-shape  # one model; the file keeps the other's rows
     python benchmarks/train_scale.py --cpu-check --out build/train_scale_cpu.json   # tiny configs, seconds, CPU
+    python benchmarks/train_scale.py --smollm2      # real SmolLM2-135M (float32), 2K-8K: train_scale_smollm2.json
 
 The models are Llama-3.1-8B and Qwen2.5-7B *shapes*: their published configurations (written out below) with
 random bf16 weights, since no 8B weights are available offline. Time and memory depend on the shapes only, so
@@ -14,6 +15,9 @@ the teacher's answer pass, the student's answer pass (with grad), its backward p
 stage 2 adds the binarization. The whole ``Trainer.step`` is timed too. Peak memory is
 ``torch.cuda.max_memory_allocated`` over one step, weights included. Settings are the authors': windows
 ``AUTHORS_TRAIN`` (sink 128, recent 1024), alignment 32, ratio 0.7 in stage 2.
+
+``--smollm2`` times the embedded SmolLM2-135M-Instruct itself (real weights, float32 as ``train`` loads it) at
+2K, 4K and 8K tokens, its longest context: the cost of the paper-window masks this repository trains.
 
 The authors' recipe (Zhang et al., 2025, App. B) is 2000 stage-1 steps and 200 stage-2 steps on contexts of
 4K-96K tokens. Its projected wall time is the step count times the mean step time over that range, with the
@@ -46,6 +50,7 @@ CPU_MODELS = {
     "tiny-llama": ("llama", {**LLAMA_3_1_8B, **TINY, "vocab_size": 512}),
     "tiny-qwen2": ("qwen2", {**QWEN_2_5_7B, **TINY, "vocab_size": 512}),
 }
+SMOLLM2 = "smollm2-135m"  # the embedded model, real weights (--smollm2)
 RECIPE = {"stage1_steps": 2000, "stage2_steps": 200, "context_min": 4000, "context_max": 96000}
 
 
@@ -135,12 +140,14 @@ def measure(model, context: int, stage: int, args, device: torch.device, windows
     return row
 
 
-def projected_hours(rows: list[dict], stage: int, steps: int) -> float | None:
-    """Steps x mean step time over uniform contexts in the recipe's range (linear between measured lengths)."""
+def projected_hours(
+    rows: list[dict], stage: int, steps: int, span: tuple[int, int] = (RECIPE["context_min"], RECIPE["context_max"])
+) -> float | None:
+    """Steps x mean step time over uniform contexts in ``span`` (linear between measured lengths)."""
     points = sorted((r["context"], r["trainer_step_seconds"]) for r in rows if r["stage"] == stage and "seconds" in r)
     if len(points) < 2 or any(r["stage"] == stage and "out_of_memory" in r for r in rows):
         return None
-    lengths = range(RECIPE["context_min"], RECIPE["context_max"] + 1, 1000)
+    lengths = range(span[0], span[1] + 1, 1000)
 
     def at(n: float) -> float:  # linear between measured lengths, held at the nearest one outside them
         for (a, ta), (b, tb) in zip(points, points[1:]):
@@ -159,10 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per setting after a warm-up (default 2)")
     parser.add_argument("--prefill-chunk", type=int, default=0, help="context tokens per prefill forward (0: all)")
     parser.add_argument("--cpu-check", action="store_true", help="tiny configs on the CPU: checks the script runs")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_scale.json"))
+    parser.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M at 2K-8K")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/train_scale[_smollm2].json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/train_scale{'_smollm2' if args.smollm2 else ''}.json")
 
-    if args.cpu_check:
+    if args.smollm2:
+        if not torch.cuda.is_available():
+            raise SystemExit("this benchmark needs a CUDA GPU.")
+        device, dtype, models = torch.device("cuda"), torch.float32, {SMOLLM2: ("llama", None)}
+        contexts, windows, align = args.contexts or [2048, 4096, 8192], AUTHORS_TRAIN, 32
+    elif args.cpu_check:
         device, dtype, models = torch.device("cpu"), torch.float32, CPU_MODELS
         contexts, windows, align = args.contexts or [256, 512], Windows(8, 32, 1), 4
     else:
@@ -178,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "benchmark": "train_scale",
         "what": "one training step per stage (prefill-once student), parts timed, peak GPU memory; one GPU",
-        "weights": "random, built from the published configurations (no 8B weights offline): times and memory "
+        "weights": "the embedded SmolLM2-135M-Instruct (real weights)"
+        if args.smollm2
+        else "random, built from the published configurations (no 8B weights offline): times and memory "
         "depend on the shapes only",
         "data": f"random token ids, {args.answer} answer tokens per example",
         "dtype": str(dtype).removeprefix("torch."),
@@ -193,11 +210,19 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {},
     }
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if previous.get("cpu_check") == args.cpu_check:  # keep the other models of an earlier run (--models one by one)
+    if previous.get("cpu_check") == args.cpu_check and not args.smollm2:  # keep other models' rows (--models)
         result["models"] = {k: v for k, v in previous.get("models", {}).items() if k not in chosen}
+    span = (min(contexts), max(contexts)) if args.smollm2 else (RECIPE["context_min"], RECIPE["context_max"])
     for name in chosen:
         model_type, values = models[name]
-        model = random_model(model_type, values, device, dtype)
+        if values is None:  # the real embedded model
+            from leank_ref.models import load_model
+
+            model = load_model(None, dtype=dtype, device=device)[0]
+            keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
+            values = {k: getattr(model.config, k) for k in keys}
+        else:
+            model = random_model(model_type, values, device, dtype)
         rows = []
         for context in contexts:
             for stage in (1, 2):
@@ -208,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters_billion": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             "rows": rows,
             "projected_recipe_hours": {
-                "stage1": projected_hours(rows, 1, RECIPE["stage1_steps"]),
-                "stage2": projected_hours(rows, 2, RECIPE["stage2_steps"]),
+                "contexts": list(span),
+                "stage1": projected_hours(rows, 1, RECIPE["stage1_steps"], span),
+                "stage2": projected_hours(rows, 2, RECIPE["stage2_steps"], span),
             },
             "provenance": provenance(device),
         }

@@ -1,6 +1,7 @@
 """Evaluation: the batched decode equals SimulatedLeanK row by row, the real LeanK cache gives the same passkey
 answers, the statistics are right, and a tiny grid runs end to end through the command line and writes its files."""
 
+import hashlib
 import json
 import math
 
@@ -203,7 +204,10 @@ def test_tiny_windows_grid_runs_each_window_with_its_own_masks(model, tmp_path):
     summary = json.loads((out / "eval_windows.json").read_text())
     first, second = summary["windows"]
     assert first["windows"] == {"sink": 16, "recent": 64, "block": 32} and first["missing_masks"] is None
-    assert json.loads((out / "eval_w16-64.json").read_text())["grid"]["windows"] == first["windows"]
+    report = json.loads((out / "eval_w16-64.json").read_text())
+    assert report["grid"]["windows"] == first["windows"]
+    mask = learned_mask_path(0.7, masks_dir)
+    assert report["mask_files"] == {mask.name: hashlib.sha256(mask.read_bytes()).hexdigest()}
     paired = first["paired"]["stdlib"]
     assert paired["best_heuristic"] == "random" and first["paired_length"] == 256
     assert set(paired["vs_dense"]) == {
@@ -217,3 +221,24 @@ def test_tiny_windows_grid_runs_each_window_with_its_own_masks(model, tmp_path):
     assert commands[0].startswith("python -m leank_ref train --stage 1 --sink 32 --recent 128")
     assert "--ratio 0.7" in commands[1] and commands[1].endswith(f"--out {wanted}")
     assert second["paired"]["stdlib"] == {"missing": "no LeanK mask at r=0.7"}
+
+
+def _merge_one(out: str, sink: int) -> None:
+    from leank_ref.evaluate.windows_grid import merge_summary
+
+    merge_summary(out, [{"windows": {"sink": sink, "recent": 4 * sink, "block": 32}, "headline": {}}])
+
+
+def test_windows_run_in_parallel_processes_all_land_in_the_summary(tmp_path):
+    """Each --window process merges its entry under a lock: eight processes, eight entries, sorted by window."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_merge_one, args=(str(tmp_path), s)) for s in (8, 16, 24, 32, 40, 48, 56, 64)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    _merge_one(str(tmp_path), 16)  # a window run again replaces its entry
+    windows = [e["windows"]["sink"] for e in json.loads((tmp_path / "eval_windows.json").read_text())["windows"]]
+    assert windows == [8, 16, 24, 32, 40, 48, 56, 64] and [p.name for p in tmp_path.iterdir()] == ["eval_windows.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import resource
 import time
@@ -73,6 +74,12 @@ def evaluate_specs(
     return [row for i in range(len(specs)) for row in results[i]]
 
 
+def mask_files(configs: list[Config]) -> dict[str, str]:
+    """The learned mask files the configs read, by file name, with their SHA-256: which masks a result is about."""
+    paths = sorted({Path(c.selector.path) for c in configs if hasattr(c.selector, "path")})
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
 def analyze(rows: list[dict], grid: EvalGrid) -> dict:
     """Summaries (pooled over lengths, and per length), paired comparisons against dense and LeanK (pooled and per
     length) and the headline of each text source, from the per-sample rows."""
@@ -116,6 +123,7 @@ def run_evaluation(
     report = {
         "grid": asdict(grid),
         "configs": [c.key for c in configs],
+        "mask_files": mask_files(configs),
         "pending": pending,
         **analyze(rows, grid),
         "memory": [m for n in sorted({s["length"] for s in specs}) for m in config_memory(configs, model, grid, n)],

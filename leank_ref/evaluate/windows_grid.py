@@ -17,7 +17,9 @@ so the recent part of a deployed cache stays within 1.5x of its nominal size.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,22 +132,18 @@ def run_windows_grid(
 ) -> dict:
     """Run every grid, write each window's files and ``eval_windows.json`` under ``out_dir``; return the gathered
     summary. Entries of other windows already in ``eval_windows.json`` are kept, so the windows can run in
-    separate calls (``--window``)."""
+    separate calls or parallel processes (``--window``; :func:`merge_summary`)."""
     from leank_ref.evaluate.report import read_rows
     from leank_ref.evaluate.run import run_evaluation
 
     out = Path(out_dir)
-    summary = {"paper_windows": str(WINDOW_SETTINGS[-1]), "headline_ratio": HEADLINE_RATIO, "windows": []}
-    if (out / SUMMARY_FILE).exists():
-        ran = [asdict(grid.windows) for grid in grids]
-        earlier = json.loads((out / SUMMARY_FILE).read_text()).get("windows", [])
-        summary["windows"] = [e for e in earlier if e["windows"] not in ran]
+    entries = []
     for grid in grids:
         name = file_stem(grid.windows)
         report = run_evaluation(model, tokenizer, grid, out, name, masks_dir, progress, workers, model_path)
         rows = read_rows(out / f"{name}_samples.csv")
         length = max(grid.lengths)
-        summary["windows"].append(
+        entries.append(
             {
                 "windows": asdict(grid.windows),
                 "file": f"{name}.json",
@@ -161,7 +159,27 @@ def run_windows_grid(
                 "provenance": report["provenance"],
             }
         )
-    summary["windows"].sort(key=lambda e: (e["windows"]["recent"], e["windows"]["sink"]))
+    return merge_summary(out, entries)
+
+
+def merge_summary(out_dir: str | Path, entries: list[dict]) -> dict:
+    """Write ``entries`` into ``out_dir/eval_windows.json``, replacing those of the same windows and keeping the
+    others; return the whole summary. Read and written under a file lock, so windows run in parallel processes
+    (one ``--window`` each, same ``--out``) all land in the file."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    path = out / SUMMARY_FILE
+    lock = os.open(out, os.O_RDONLY)  # a lock on the folder itself: no lock file is left behind
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = {"paper_windows": str(WINDOW_SETTINGS[-1]), "headline_ratio": HEADLINE_RATIO, "windows": []}
+        ran = [e["windows"] for e in entries]
+        if path.exists():
+            summary["windows"] = [e for e in json.loads(path.read_text()).get("windows", []) if e["windows"] not in ran]
+        summary["windows"] = sorted(
+            summary["windows"] + entries, key=lambda e: (e["windows"]["recent"], e["windows"]["sink"])
+        )
+        path.write_text(json.dumps(summary, indent=1))
+    finally:
+        os.close(lock)  # closing releases the lock
     return summary
