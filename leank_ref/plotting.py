@@ -80,12 +80,30 @@ def head_heatmap(ax, values, title: str, label: str, **imshow_kwargs):
     return im
 
 
+CURVE_LABELS = {  # readable names of the per-step fields of a training log (.log.jsonl)
+    "distill_loss": "distillation loss (hidden-state MSE)",
+    "reg_loss": "mean factor (L1 term before lambda)",
+    "loss": "total loss",
+    "mean_factor": "mean factor",
+    "share_below_0.1": "share of factors < 0.1",
+    "lr": "learning rate",
+    "mask_changes": "mask entries changed",
+    "pruned_ratio": "pruned share of K channels",
+    "seconds": "seconds per step",
+}
+
+
 def training_curves(axes, records: list[dict], keys: tuple[str, ...], title: str = "") -> None:
-    """One panel per key of a training log (the ``.log.jsonl`` records ``python -m leank_ref train`` writes)."""
+    """One panel per key of a training log (the ``.log.jsonl`` records ``python -m leank_ref train`` writes),
+    titled ``title`` + the key's readable name (:data:`CURVE_LABELS`), which also labels the y axis.
+
+    Each step of a run trains on a new example, so a per-step loss moves with the example as well as the factors.
+    """
     steps = [r["step"] for r in records]
     for ax, key in zip(axes, keys):
+        label = CURVE_LABELS.get(key, key)
         ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
-        ax.set(xlabel="step", title=f"{title}{key}")
+        ax.set(xlabel="step", ylabel=label, title=f"{title}{label}")
 
 
 def moving_average(values, window: int = 20) -> torch.Tensor:
