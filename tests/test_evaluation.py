@@ -242,3 +242,52 @@ def test_windows_run_in_parallel_processes_all_land_in_the_summary(tmp_path):
     _merge_one(str(tmp_path), 16)  # a window run again replaces its entry
     windows = [e["windows"]["sink"] for e in json.loads((tmp_path / "eval_windows.json").read_text())["windows"]]
     assert windows == [8, 16, 24, 32, 40, 48, 56, 64] and [p.name for p in tmp_path.iterdir()] == ["eval_windows.json"]
+
+
+def test_windows_share_prefills_and_an_interrupted_run_resumes(model_and_tokenizer, tmp_path, monkeypatch):
+    """Two window settings evaluated together give each window the rows it gets alone; a run stopped after its
+    first sample keeps that sample in the partial file and the same call finishes it, with the same rows."""
+    from leank_ref.evaluate import run as run_module
+    from leank_ref.evaluate.configs import build_configs
+    from leank_ref.evaluate.grid import tiny_grid
+
+    model, tokenizer = model_and_tokenizer
+    grids = [
+        tiny_grid(
+            methods=("random",),
+            ratios=(0.7,),
+            sources=("stdlib",),
+            tasks=("passkey",),
+            greedy_lengths=(),
+            samples=2,
+            windows=w,
+        )
+        for w in (Windows(16, 64, 32), Windows(32, 128, 32))
+    ]
+    jobs = [(build_configs(model, tokenizer, g)[0], g) for g in grids]
+    specs = grids[0].specs()
+    alone = [run_module.evaluate_jobs(model, tokenizer, specs, [job], progress=False)[0] for job in jobs]
+
+    real, calls = run_module.evaluate_sample_jobs, []
+
+    def stop_at_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    partial = tmp_path / "run.partial.jsonl"
+    monkeypatch.setattr(run_module, "evaluate_sample_jobs", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)
+    assert len(partial.read_text().splitlines()) == 2  # the header and the first sample
+    monkeypatch.setattr(run_module, "evaluate_sample_jobs", real)
+    together = run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)
+    assert len(specs) == len(calls) == 2 and len(partial.read_text().splitlines()) == 3
+    for a, b in zip(alone, together):
+        assert [(r["seed"], r["method"]) for r in a] == [(r["seed"], r["method"]) for r in b]
+        assert all(x[k] == pytest.approx(y[k], abs=1e-6) for x, y in zip(a, b) for k in ("ll", "kl"))
+    assert alone[0] != alone[1]  # the windows do change the rows
+    other = [(jobs[0][0][:1], grids[0])]
+    with pytest.raises(ValueError, match="delete it"):
+        run_module.evaluate_jobs(model, tokenizer, specs, other, progress=False, partial=partial)

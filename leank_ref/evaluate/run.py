@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import resource
 import time
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from leank_ref.evaluate.configs import Config, build_configs, config_memory
 from leank_ref.evaluate.grid import TEACHER_FORCED_TASKS, EvalGrid
 from leank_ref.evaluate.report import write_report
-from leank_ref.evaluate.sample import evaluate_sample
+from leank_ref.evaluate.sample import evaluate_sample_jobs
 from leank_ref.stats import compare_all, headline, summarize
 
 
@@ -26,20 +27,21 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-_WORKER: dict = {}  # inside a worker process only: its model, tokenizer, configs and grid (set by _worker_init)
+Job = tuple[list[Config], EvalGrid]  # one evaluation sharing the samples' prefills with the others
+_WORKER: dict = {}  # inside a worker process only: its model, tokenizer and jobs (set by _worker_init)
 
 
-def _worker_init(model_path: str | None, configs: list[Config], grid: EvalGrid) -> None:
-    """A worker process: one torch thread, its own copy of the model, the parent's configs."""
+def _worker_init(model_path: str | None, jobs: list[Job]) -> None:
+    """A worker process: one torch thread, its own copy of the model, the parent's configs and grids."""
     from leank_ref.models import load_model
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(model_path)
-    _WORKER.update(model=model, tokenizer=tokenizer, configs=configs, grid=grid)
+    _WORKER.update(model=model, tokenizer=tokenizer, jobs=jobs)
 
 
-def _worker_sample(spec: dict) -> list[dict]:
-    return evaluate_sample(_WORKER["model"], _WORKER["tokenizer"], spec, _WORKER["configs"], _WORKER["grid"])
+def _worker_sample(spec: dict) -> list[list[dict]]:
+    return evaluate_sample_jobs(_WORKER["model"], _WORKER["tokenizer"], spec, _WORKER["jobs"])
 
 
 def evaluate_specs(
@@ -53,25 +55,74 @@ def evaluate_specs(
     progress: bool = True,
 ) -> list[dict]:
     """Result rows of every sample spec, in spec order; ``workers`` > 1 spreads samples over processes."""
-    bar = tqdm(total=len(specs), desc=f"{len(specs)} samples x {len(configs)} configs", disable=not progress)
+    return evaluate_jobs(model, tokenizer, specs, [(configs, grid)], workers, model_path, progress)[0]
+
+
+def _partial_header(specs: list[dict], jobs: list[Job]) -> dict:
+    return {"specs": specs, "configs": [[c.key for c in configs] for configs, _ in jobs]}
+
+
+def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]]:
+    """Finished samples of an earlier run cut short (see :func:`evaluate_jobs`), by spec index."""
+    if path is None or not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or json.loads(lines[0]) != header:
+        raise ValueError(f"{path} holds samples of a different run (other specs or configs): delete it to start over")
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the interruption
+            continue
+        done[record["i"]] = record["rows"]
+    return done
+
+
+def evaluate_jobs(
+    model,
+    tokenizer,
+    specs: list[dict],
+    jobs: list[Job],
+    workers: int = 1,
+    model_path: str | None = None,
+    progress: bool = True,
+    partial: str | Path | None = None,
+) -> list[list[dict]]:
+    """For each (configs, grid) job, the result rows of every spec in spec order; each sample's dense prefill is
+    shared by the jobs. ``workers`` > 1 spreads samples over processes. ``partial``: a file that keeps every
+    finished sample's rows as it completes, so a run cut short resumes where it stopped (same specs and configs)."""
+    partial = None if partial is None else Path(partial)
+    header = _partial_header(specs, jobs)
+    done = _read_partial(partial, header)
+    if partial is not None and not partial.exists():
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(header) + "\n")
+    todo = [i for i in range(len(specs)) if i not in done]
+    configs = sum(len(c) for c, _ in jobs)
+    desc = f"{len(specs)} samples x {configs} configs"
+    bar = tqdm(total=len(specs), initial=len(done), desc=desc, disable=not progress)
+
+    def keep(i: int, rows: list[list[dict]]) -> None:
+        done[i] = rows
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.write(json.dumps({"i": i, "rows": rows}) + "\n")
+        bar.update()
+
     if workers <= 1:
-        rows = []
-        for spec in specs:
-            rows.extend(evaluate_sample(model, tokenizer, spec, configs, grid))
-            bar.update()
-        bar.close()
-        return rows
-    ctx = multiprocessing.get_context("spawn")
-    results: dict[int, list[dict]] = {}
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(model_path, configs, grid)
-    ) as pool:
-        futures = {pool.submit(_worker_sample, spec): i for i, spec in enumerate(specs)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update()
+        for i in todo:
+            keep(i, evaluate_sample_jobs(model, tokenizer, specs[i], jobs))
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init, initargs=(model_path, jobs)
+        ) as pool:
+            futures = {pool.submit(_worker_sample, specs[i]): i for i in todo}
+            for future in as_completed(futures):
+                keep(futures[future], future.result())
     bar.close()
-    return [row for i in range(len(specs)) for row in results[i]]
+    return [[row for i in range(len(specs)) for row in done[i][j]] for j in range(len(jobs))]
 
 
 def mask_files(configs: list[Config]) -> dict[str, str]:
@@ -112,27 +163,55 @@ def run_evaluation(
     shipped ones).
 
     ``workers`` > 1 runs samples in that many processes of one thread each (``model_path``: what they load; None =
-    the embedded SmolLM2), the fastest use of a few CPU cores; results do not depend on it.
+    the embedded SmolLM2), the fastest use of a few CPU cores; results do not depend on it. Finished samples are
+    kept in ``out_dir/.<name>.partial.jsonl`` while the run lasts: run the same command again after an
+    interruption and it goes on from there.
     """
+    return run_evaluations(model, tokenizer, [(name, grid)], out_dir, masks_dir, progress, workers, model_path)[0]
+
+
+def run_evaluations(
+    model,
+    tokenizer,
+    grids: list[tuple[str, EvalGrid]],
+    out_dir: str | Path = "results",
+    masks_dir: str | Path | None = None,
+    progress: bool = True,
+    workers: int = 1,
+    model_path: str | None = None,
+) -> list[dict]:
+    """:func:`run_evaluation` for several named grids over the same samples (e.g. one per window setting): each
+    sample's dense prefill runs once for all of them. One report (and file set) per grid."""
     from leank_ref.provenance import provenance
 
+    specs = grids[0][1].specs()
+    if any(grid.specs() != specs for _, grid in grids[1:]):
+        raise ValueError("grids evaluated together must share their samples (tasks, texts, lengths, samples)")
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    configs, pending = build_configs(model, tokenizer, grid, masks_dir)
-    specs = grid.specs()
-    rows = evaluate_specs(model, tokenizer, specs, configs, grid, workers, model_path, progress)
-    report = {
-        "grid": asdict(grid),
-        "configs": [c.key for c in configs],
-        "mask_files": mask_files(configs),
-        "pending": pending,
-        **analyze(rows, grid),
-        "memory": [m for n in sorted({s["length"] for s in specs}) for m in config_memory(configs, model, grid, n)],
-        "runtime_s": time.perf_counter() - start,
-        "workers": workers,
-        "threads": 1 if workers > 1 else torch.get_num_threads(),
-        "provenance": provenance(next(model.parameters()).device),
-    }
-    if workers <= 1:
-        report["cpu_s"] = cpu_seconds() - cpu_start
-    write_report(out_dir, name, report, rows)
-    return report
+    built = [build_configs(model, tokenizer, grid, masks_dir) for _, grid in grids]
+    jobs = [(configs, grid) for (configs, _), (_, grid) in zip(built, grids)]
+    partial = Path(out_dir) / f".{'+'.join(name for name, _ in grids)}.partial.jsonl"
+    all_rows = evaluate_jobs(model, tokenizer, specs, jobs, workers, model_path, progress, partial)
+    runtime, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    reports = []
+    for (name, grid), (configs, pending), rows in zip(grids, built, all_rows):
+        lengths = sorted({s["length"] for s in specs})
+        report = {
+            "grid": asdict(grid),
+            "configs": [c.key for c in configs],
+            "mask_files": mask_files(configs),
+            "pending": pending,
+            **analyze(rows, grid),
+            "memory": [m for n in lengths for m in config_memory(configs, model, grid, n)],
+            "runtime_s": runtime,
+            "evaluated_with": [n for n, _ in grids],  # these shared the prefills and the runtime
+            "workers": workers,
+            "threads": 1 if workers > 1 else torch.get_num_threads(),
+            "provenance": provenance(next(model.parameters()).device),
+        }
+        if workers <= 1:
+            report["cpu_s"] = cpu
+        write_report(out_dir, name, report, rows)
+        reports.append(report)
+    partial.unlink(missing_ok=True)
+    return reports

@@ -75,8 +75,23 @@ def teacher_forced_logprobs(
 
 def evaluate_sample(model, tokenizer, spec: dict, configs: list[Config], grid: EvalGrid) -> list[dict]:
     """All configs on one sample (one shared prefill); one result row per config."""
-    ex = example_for(tokenizer, spec, grid)
+    return evaluate_sample_jobs(model, tokenizer, spec, [(configs, grid)])[0]
+
+
+def evaluate_sample_jobs(model, tokenizer, spec: dict, jobs: list[tuple[list[Config], EvalGrid]]) -> list[list[dict]]:
+    """Several (configs, grid) jobs on one sample, e.g. one per window setting: the dense prefill does not depend on
+    the windows or the masks, so it runs once; one list of rows per job. The grids must build the same example."""
+    examples = [example_for(tokenizer, spec, grid) for _, grid in jobs]
+    ex = examples[0]
+    if any(not torch.equal(e.input_ids, ex.input_ids) for e in examples[1:]):
+        raise ValueError("these grids build different examples from one spec (tasks, lengths, answer length or "
+                         "kv pairs differ): evaluate them separately")  # fmt: skip
     capture, last_logits = capture_prefill(model, ex.context_ids, values=True)
+    return [_sample_rows(model, tokenizer, spec, ex, capture, last_logits, c, g) for c, g in jobs]
+
+
+def _sample_rows(model, tokenizer, spec, ex, capture, last_logits, configs: list[Config], grid: EvalGrid) -> list[dict]:
+    """One job's rows on a prefilled sample (see :func:`evaluate_sample_jobs`)."""
     masks = torch.stack([c.mask(model, capture, grid.align) for c in configs])  # [B, L, G, D]
     base = {k: spec.get(k) for k in ("task", "source", "length", "seed")}
     base["depth"] = ex.meta.get("depth")

@@ -131,16 +131,17 @@ def run_windows_grid(
     model_path: str | None = None,
 ) -> dict:
     """Run every grid, write each window's files and ``eval_windows.json`` under ``out_dir``; return the gathered
-    summary. Entries of other windows already in ``eval_windows.json`` are kept, so the windows can run in
-    separate calls or parallel processes (``--window``; :func:`merge_summary`)."""
+    summary. The windows share every sample's dense prefill (one run, :func:`~leank_ref.evaluate.run.run_evaluations`;
+    an interrupted run resumes). Entries of other windows already in ``eval_windows.json`` are kept, so the windows
+    can also run in separate calls or parallel processes (``--window``; :func:`merge_summary`)."""
     from leank_ref.evaluate.report import read_rows
-    from leank_ref.evaluate.run import run_evaluation
+    from leank_ref.evaluate.run import run_evaluations
 
     out = Path(out_dir)
     entries = []
-    for grid in grids:
-        name = file_stem(grid.windows)
-        report = run_evaluation(model, tokenizer, grid, out, name, masks_dir, progress, workers, model_path)
+    named = [(file_stem(grid.windows), grid) for grid in grids]
+    reports = run_evaluations(model, tokenizer, named, out, masks_dir, progress, workers, model_path)
+    for (name, grid), report in zip(named, reports):
         rows = read_rows(out / f"{name}_samples.csv")
         length = max(grid.lengths)
         entries.append(
