@@ -178,3 +178,37 @@ def test_top_count_mask_is_the_ranking_binarize_uses():
     scores = torch.tensor([[[0.3, 0.9, 0.3, 0.1]]])
     assert top_count_mask(scores, torch.tensor([[2]])).tolist() == [[[1.0, 1.0, 0.0, 0.0]]]  # tie: lower index
     assert torch.equal(binarize(scores, 0.5, 1), top_count_mask(scores, torch.tensor([[3]])))  # 3 scores >= 0.3
+
+
+PAPER = Path(__file__).resolve().parent.parent / "masks" / "paper"
+
+
+@pytest.mark.parametrize("windows", [Windows(128, 768, 128), Windows(64, 256, 64)], ids=str)
+def test_paper_window_masks_are_what_their_commands_make(windows):
+    """The masks trained for the paper's windows: each file's metadata holds the settings of the command that makes
+    it (the windows grid's own training commands), stage 2 started from the committed stage-1 factors, and the
+    committed mask has the kept counts its metadata recorded."""
+    import hashlib
+    import json
+
+    from leank_ref.baselines import learned_mask_path, stage1_factors_path
+    from leank_ref.evaluate.windows_grid import RATIOS, TRAIN_RECENT, training_commands
+
+    factors = stage1_factors_path(PAPER.parent, windows=windows)
+    stage1 = json.loads(factors.with_suffix(".json").read_text())["settings"]
+    recent = TRAIN_RECENT[windows.recent]
+    assert stage1["windows"] == {"sink": windows.sink, "recent": recent, "block": windows.block}
+    assert (stage1["steps"], stage1["context_min"], stage1["context_max"]) == (2000, 2048, 8192)
+    commands = training_commands(windows, RATIOS, PAPER.parent)
+    assert f"--sink {windows.sink} --recent {recent} --block {windows.block} " in commands[0]
+    assert "--context-min 2048 --context-max 8192 --pool 32" in commands[0]
+    for ratio in RATIOS:
+        path = learned_mask_path(ratio, PAPER.parent, windows=windows)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["settings"]["ratio"] == ratio and meta["settings"]["steps"] == 200
+        assert meta["settings"]["windows"] == stage1["windows"] and meta["settings"]["context_max"] == 8192
+        assert meta["input_factors"]["sha256"] == hashlib.sha256(factors.read_bytes()).hexdigest()
+        counts = kept_counts(load_mask(path, (30, 3, 64), meta["settings"]["align"]))
+        assert {int(k): v for k, v in meta["mask"]["count_histogram"].items()} == {
+            int(c): int((counts == c).sum()) for c in counts.unique()
+        }

@@ -47,7 +47,10 @@ def training_commands(windows: Windows, ratios: tuple[float, ...], masks_dir: st
     """The ``train`` commands that make the masks for ``windows`` (stage 1 once, stage 2 per ratio; GPU)."""
     factors = stage1_factors_path(masks_dir, windows=windows)
     recent = TRAIN_RECENT.get(windows.recent, windows.recent)
-    common = f"--sink {windows.sink} --recent {recent} --context-min 2048 --context-max 8192 --device cuda"
+    common = (
+        f"--sink {windows.sink} --recent {recent} --block {windows.block} --context-min 2048 --context-max 8192 "
+        "--pool 32 --device cuda"
+    )
     out = [f"python -m leank_ref train --stage 1 {common} --out {factors}"]
     for ratio in ratios:
         mask = learned_mask_path(ratio, masks_dir, windows=windows)
