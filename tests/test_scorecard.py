@@ -177,3 +177,19 @@ def test_readme_table_is_generated_from_the_committed_results():
     assert replace_block(readme, scorecard_markdown(ROOT)) == readme, (
         "README.md's scorecard is out of date: run python -m leank_ref scorecard --write README.md"
     )
+
+
+def test_memory_rows_fall_back_to_the_mask_that_holds_in_our_own_windows(tmp_path):
+    """Nothing holds at the paper's windows (only r=0.7 tested, an unclear cell): the K/V rows use the highest ratio
+    that holds in results/eval.json at this project's windows, and the accuracy row says which cell failed."""
+    from leank_ref.scorecard.rows import holding_mask
+
+    failed = {"0.7": ["kv_retrieval ll: unclear"]}
+    write_windows_grid(tmp_path, {"stdlib": {"leank": {"ratios": {"0.7": False}, "failed": failed}}})
+    assert holding_mask(tmp_path) is None
+    headline = {s: {"leank": {"ratios": {"0.5": True, "0.7": False}}} for s in ("pydoc", "stdlib")}
+    (tmp_path / "results" / "eval.json").write_text(json.dumps({"headline": headline}))
+    name, windows, where = holding_mask(tmp_path)
+    assert (name, windows.recent, where) == ("smollm2-135m_r0.5.pth", 64, "results/eval.json")
+    (accuracy,) = by_claim(scorecard(tmp_path), "accuracy held")
+    assert accuracy.verdict == "no (r=0.7 does not hold dense: kv_retrieval ll: unclear)"

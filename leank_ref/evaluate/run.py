@@ -188,6 +188,7 @@ def run_evaluations(
     if any(grid.specs() != specs for _, grid in grids[1:]):
         raise ValueError("grids evaluated together must share their samples (tasks, texts, lengths, samples)")
     start, cpu_start = time.perf_counter(), cpu_seconds()
+    ran = provenance(next(model.parameters()).device)  # at the start: the code that runs, not the checkout at the end
     built = [build_configs(model, tokenizer, grid, masks_dir) for _, grid in grids]
     jobs = [(configs, grid) for (configs, _), (_, grid) in zip(built, grids)]
     partial = Path(out_dir) / f".{'+'.join(name for name, _ in grids)}.partial.jsonl"
@@ -207,7 +208,7 @@ def run_evaluations(
             "evaluated_with": [n for n, _ in grids],  # these shared the prefills and the runtime
             "workers": workers,
             "threads": 1 if workers > 1 else torch.get_num_threads(),
-            "provenance": provenance(next(model.parameters()).device),
+            "provenance": ran,
         }
         if workers <= 1:
             report["cpu_s"] = cpu

@@ -48,21 +48,20 @@ def _held_ratios(headline: dict) -> dict[str, dict[float, bool]]:
 
 def holding_mask(root: Path) -> tuple[str, Windows, str] | None:
     """Our mask that holds dense on every text: (file under masks/, its windows, where that was measured), at the
-    highest such ratio, from the paper-scale grid if present, else from ``results/eval.json``; None if none holds."""
-    entry = paper_scale_entry(root)
-    if entry is not None:
-        held, windows = _held_ratios(entry.get("headline")), AUTHORS_DEPLOY
-        where = f"results/eval_windows.json ({entry.get('file', '')})"
-        stem = f"paper/smollm2-135m_w{windows.sink}-{windows.recent}"
-    else:
-        held, windows = _held_ratios((load_json(root / "results" / "eval.json") or {}).get("headline")), SMOLLM2
-        where, stem = "results/eval.json", "smollm2-135m"
-    if not held:
-        return None
-    common = set.intersection(*({r for r, ok in by.items() if ok} for by in held.values()))
-    if not common:
-        return None
-    return f"{stem}_r{max(common):g}.pth", windows, where
+    highest such ratio, from the paper-scale grid if one holds there, else from ``results/eval.json``; None if none
+    holds in either."""
+    entry = paper_scale_entry(root) or {}
+    sources = (
+        (entry.get("headline"), AUTHORS_DEPLOY, f"results/eval_windows.json ({entry.get('file', '')})", "paper/"),
+        ((load_json(root / "results" / "eval.json") or {}).get("headline"), SMOLLM2, "results/eval.json", ""),
+    )
+    for headline, windows, where, folder in sources:  # the paper's windows first, then this project's
+        held = _held_ratios(headline)
+        common = set.intersection(*({r for r, ok in by.items() if ok} for by in held.values())) if held else set()
+        if common:
+            stem = f"{folder}smollm2-135m" + (f"_w{windows.sink}-{windows.recent}" if folder else "")
+            return f"{stem}_r{max(common):g}.pth", windows, where
+    return None
 
 
 # (label, mask file under masks/, alignment, tokens, windows): the authors' mask in their deployment windows at 32K
@@ -230,7 +229,9 @@ def accuracy_rows(root: Path, rules: Rules = RULES) -> list[Row]:
                 f"{', '.join(f'{n // 1024}K' for n in entry['lengths'])} tokens, {entry.get('samples')} samples "
                 f"per cell, {criterion}; {device_of(entry)}"
             )
-            verdict = "yes" if ratios[0.7] else "no (r=0.7 does not hold dense)"
+            failed = ((entry.get("headline") or {}).get(source, {}).get("leank", {}).get("failed") or {}).get("0.7")
+            why = f": {', '.join(failed)}" if failed else ""
+            verdict = "yes" if ratios[0.7] else f"no (r=0.7 does not hold dense{why})"
             rows.append(Row(claim, paper, ours, setting, where, verdict))
         return rows or [missing(claim, paper, "results/eval_windows.json", "no LeanK headline")]
     evaluation = load_json(root / "results" / "eval.json") or {}
