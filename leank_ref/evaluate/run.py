@@ -59,7 +59,9 @@ def evaluate_specs(
 
 
 def _partial_header(specs: list[dict], jobs: list[Job]) -> dict:
-    return {"specs": specs, "configs": [[c.key for c in configs] for configs, _ in jobs]}
+    """What a partial file must match to be resumed: the samples, the configs and the bytes of the learned masks."""
+    configs = [c for job_configs, _ in jobs for c in job_configs]
+    return {"specs": specs, "configs": [[c.key for c in cs] for cs, _ in jobs], "masks": mask_files(configs)}
 
 
 def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]]:
@@ -68,7 +70,9 @@ def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]
         return {}
     lines = path.read_text().splitlines()
     if not lines or json.loads(lines[0]) != header:
-        raise ValueError(f"{path} holds samples of a different run (other specs or configs): delete it to start over")
+        raise ValueError(
+            f"{path} holds samples of a different run (other samples, configs or mask files): delete it to start over"
+        )
     done = {}
     for line in lines[1:]:
         try:
