@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import hashlib
 import importlib.util
 import json
 import re
@@ -53,6 +52,7 @@ from leank_ref.kernels import (
 
 from leank_ref.decode import leank_decode_torch
 from leank_ref.layout import HeadGroups, leank_layout_from_dense
+from leank_ref.provenance import file_sha256
 from leank_ref.windows import Windows
 
 H, G, D = 32, 8, 128  # Llama-3.1-8B attention
@@ -206,7 +206,7 @@ def load_authors(src_dir: Path, work_dir: Path, grid_fix: bool = True) -> tuple[
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         modules[key] = module
-        records.append({"file": rel, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "patches": applied})
+        records.append({"file": rel, "sha256": file_sha256(path), "patches": applied})
     return modules["leank"], modules["dense"], records
 
 

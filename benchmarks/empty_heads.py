@@ -17,7 +17,6 @@ sample shared by every row (:func:`leank_ref.evaluate.sample.evaluate_sample`), 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -42,16 +41,12 @@ from leank_ref.evaluate.report import write_csv
 from leank_ref.evaluate.run import cpu_seconds, evaluate_specs
 from leank_ref.masks import kept_counts, load_mask
 from leank_ref.models import load_model
-from leank_ref.provenance import provenance
+from leank_ref.provenance import file_sha256, provenance
 from leank_ref.stats import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIO = 0.7
 ALIGN = 16
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def grid_from(args) -> EvalGrid:
@@ -89,8 +84,8 @@ def experiment(args) -> dict:
     return {
         "what": "the empty-head effect at equal K bytes (leank_ref.evaluate.empty_heads): positive differences "
         "mean the surgery is better than the unmodified mask (ll: higher, kl: lower)",
-        "mask": {"path": args.mask_file, "sha256": sha256(mask_path), "counts": counts.tolist()},
-        "factors": {"path": args.factors, "sha256": sha256(factors_path)},
+        "mask": {"path": args.mask_file, "sha256": file_sha256(mask_path), "counts": counts.tolist()},
+        "factors": {"path": args.factors, "sha256": file_sha256(factors_path)},
         "moves": [asdict(m) for m in moves],
         "heads": {
             "keep_16": int((counts == ALIGN).sum()),
@@ -141,7 +136,7 @@ def compare_masks(args) -> dict:
     methods = [c.method for c in configs if c.method not in ("dense", BASE)]
     return {
         "what": f"masks compared paired with '{ref}' (labelled {BASE!r} in the rows): positive = better than it",
-        "masks": {name: {"path": path, "sha256": sha256(ROOT / path)} for name, path in named},
+        "masks": {name: {"path": path, "sha256": file_sha256(ROOT / path)} for name, path in named},
         **report_body(args, configs, grid, rows, (wall, cpu), methods + [BASE], methods),
     }
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from leank_ref.provenance import provenance
+from leank_ref.provenance import file_sha256, provenance
 from leank_ref.train.settings import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: 
             ("leank_laptop", masks / f"{TAG}_r{ratio:g}.pth"),
         ):
             configs.append(Config(method, ratio, "own", LeanKLearned(path), kept_counts(load_mask(path, shape))))
-            files[f"{method}@{ratio:g}"] = {"path": str(path.resolve().relative_to(ROOT)), "sha256": _sha256(path)}
+            files[f"{method}@{ratio:g}"] = {"path": str(path.resolve().relative_to(ROOT)), "sha256": file_sha256(path)}
     specs = grid.specs()
     begun = time.perf_counter()
     rows = evaluate_specs(model, tokenizer, specs, configs, grid, workers=workers)
@@ -275,12 +275,6 @@ def compare_masks(masks: Path, lengths: tuple[int, ...], samples: int, workers: 
     out["masks"] = files
     out["tolerance_nats"] = grid.tolerance
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------

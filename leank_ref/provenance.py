@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -13,6 +14,11 @@ import torch
 import leank_ref
 
 COMMIT_ENV = "LEANK_REF_GIT_COMMIT"  # set it where the code runs from a copy without its own .git (e.g. a remote GPU)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: which mask or factors file a result is about."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _git(args: list[str], cwd: Path) -> str:

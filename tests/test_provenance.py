@@ -61,3 +61,11 @@ def test_own_checkout_names_its_head_and_whether_it_is_dirty(tmp_path):
 def test_the_environment_variable_wins(monkeypatch):
     monkeypatch.setenv(COMMIT_ENV, "0123abc")
     assert git_state() == ("0123abc", None)
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    from leank_ref.provenance import file_sha256
+
+    path = tmp_path / "abc.bin"
+    path.write_bytes(b"abc")  # FIPS 180-2's test vector
+    assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

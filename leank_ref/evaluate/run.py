@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import resource
@@ -18,6 +17,7 @@ from leank_ref.evaluate.configs import Config, build_configs, config_memory
 from leank_ref.evaluate.grid import TEACHER_FORCED_TASKS, EvalGrid
 from leank_ref.evaluate.report import write_report
 from leank_ref.evaluate.sample import evaluate_sample_jobs
+from leank_ref.provenance import file_sha256
 from leank_ref.stats import compare_all, headline, summarize
 
 
@@ -132,7 +132,7 @@ def evaluate_jobs(
 def mask_files(configs: list[Config]) -> dict[str, str]:
     """The learned mask files the configs read, by file name, with their SHA-256: which masks a result is about."""
     paths = sorted({Path(c.selector.path) for c in configs if hasattr(c.selector, "path")})
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    return {p.name: file_sha256(p) for p in paths}
 
 
 def analyze(rows: list[dict], grid: EvalGrid) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from argparse import Namespace
 from dataclasses import asdict
@@ -11,14 +10,10 @@ from pathlib import Path
 from leank_ref.masks import save_mask
 from leank_ref.memory import mask_stats
 from leank_ref.models import DEFAULT_MODEL_NAME
-from leank_ref.provenance import provenance
+from leank_ref.provenance import file_sha256, provenance
 from leank_ref.train.checkpoint import model_fingerprint, save_factors
 from leank_ref.train.settings import TrainSettings
 from leank_ref.train.trainer import Trainer, TrainResult
-
-
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_outputs(
@@ -59,7 +54,7 @@ def write_outputs(
         "steps": settings.steps,
         "processes": trainer.world.size,
         "model": {"name": args.model or DEFAULT_MODEL_NAME, "dtype": args.dtype, **model_fingerprint(model)},
-        "input_factors": None if args.factors is None else {"path": args.factors, "sha256": _sha256(args.factors)},
+        "input_factors": None if args.factors is None else {"path": args.factors, "sha256": file_sha256(args.factors)},
         "final": {k: last[k] for k in ("distill_loss", "reg_loss", "loss", "mean_factor", "share_below_0.1")},
         "final_tenth_mean_distill_loss": sum(r["distill_loss"] for r in tail) / len(tail),
         "train_seconds": sum(r["seconds"] for r in result.log),
