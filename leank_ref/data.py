@@ -17,6 +17,7 @@ Python version: both sources are the running interpreter's own files).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -80,6 +81,12 @@ def haystack_text(source: str = "pydoc") -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def haystack_sha256(source: str = "pydoc") -> str:
+    """SHA-256 of :func:`haystack_text`: the prompts a seed builds depend on it, and it changes with the Python
+    version (both sources are the running interpreter's own files)."""
+    return hashlib.sha256(haystack_text(source).encode()).hexdigest()
 
 
 @lru_cache(maxsize=8)

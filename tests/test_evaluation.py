@@ -12,7 +12,7 @@ from leank_ref.__main__ import main
 from leank_ref.attention import SimulatedLeanK, capture_prefill, use_hook
 from leank_ref.baselines import learned_mask_path, uniform_counts
 from leank_ref.cache import apply_leank
-from leank_ref.data import continuation_example, make_example
+from leank_ref.data import continuation_example, haystack_sha256, make_example
 from leank_ref.evaluate.grid import EvalGrid
 from leank_ref.evaluate.metrics import answer_metrics, needle_positions
 from leank_ref.evaluate.report import read_rows
@@ -291,3 +291,10 @@ def test_windows_share_prefills_and_an_interrupted_run_resumes(model_and_tokeniz
     other = [(jobs[0][0][:1], grids[0])]
     with pytest.raises(ValueError, match="delete it"):
         run_module.evaluate_jobs(model, tokenizer, specs, other, progress=False, partial=partial)
+    lines = partial.read_text().splitlines()  # the same run under another interpreter: other haystack texts
+    header = json.loads(lines[0])
+    assert header["texts"] == {"stdlib": haystack_sha256("stdlib")}
+    header["texts"]["stdlib"] = "0" * 64
+    partial.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="haystack texts"):
+        run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from leank_ref.data import haystack_sha256
 from leank_ref.evaluate.configs import Config, build_configs, config_memory
 from leank_ref.evaluate.grid import TEACHER_FORCED_TASKS, EvalGrid
 from leank_ref.evaluate.report import write_report
@@ -58,10 +59,21 @@ def evaluate_specs(
     return evaluate_jobs(model, tokenizer, specs, [(configs, grid)], workers, model_path, progress)[0]
 
 
+def haystack_texts(specs: list[dict]) -> dict[str, str]:
+    """SHA-256 of each text source the samples read: the same seed builds another prompt where it differs."""
+    return {s: haystack_sha256(s) for s in sorted({spec["source"] for spec in specs if "source" in spec})}
+
+
 def _partial_header(specs: list[dict], jobs: list[Job]) -> dict:
-    """What a partial file must match to be resumed: the samples, the configs and the bytes of the learned masks."""
+    """What a partial file must match to be resumed: the samples, the configs, the bytes of the learned masks and
+    of the haystack texts (another Python version has other texts)."""
     configs = [c for job_configs, _ in jobs for c in job_configs]
-    return {"specs": specs, "configs": [[c.key for c in cs] for cs, _ in jobs], "masks": mask_files(configs)}
+    return {
+        "specs": specs,
+        "configs": [[c.key for c in cs] for cs, _ in jobs],
+        "masks": mask_files(configs),
+        "texts": haystack_texts(specs),
+    }
 
 
 def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]]:
@@ -71,7 +83,8 @@ def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]
     lines = path.read_text().splitlines()
     if not lines or json.loads(lines[0]) != header:
         raise ValueError(
-            f"{path} holds samples of a different run (other samples, configs or mask files): delete it to start over"
+            f"{path} holds samples of a different run (other samples, configs, mask files or haystack texts, e.g. "
+            "another Python version): delete it to start over"
         )
     done = {}
     for line in lines[1:]:
@@ -205,6 +218,7 @@ def run_evaluations(
             "grid": asdict(grid),
             "configs": [c.key for c in configs],
             "mask_files": mask_files(configs),
+            "haystack_texts": haystack_texts(specs),
             "pending": pending,
             **analyze(rows, grid),
             "memory": [m for n in lengths for m in config_memory(configs, model, grid, n)],
