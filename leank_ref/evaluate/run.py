@@ -59,7 +59,7 @@ def evaluate_specs(
     return evaluate_jobs(model, tokenizer, specs, [(configs, grid)], workers, model_path, progress)[0]
 
 
-def haystack_texts(specs: list[dict]) -> dict[str, str]:
+def haystack_hashes(specs: list[dict]) -> dict[str, str]:
     """SHA-256 of each text source the samples read: the same seed builds another prompt where it differs."""
     return {s: haystack_sha256(s) for s in sorted({spec["source"] for spec in specs if "source" in spec})}
 
@@ -72,7 +72,7 @@ def _partial_header(specs: list[dict], jobs: list[Job]) -> dict:
         "specs": specs,
         "configs": [[c.key for c in cs] for cs, _ in jobs],
         "masks": mask_files(configs),
-        "texts": haystack_texts(specs),
+        "texts": haystack_hashes(specs),
     }
 
 
@@ -218,7 +218,7 @@ def run_evaluations(
             "grid": asdict(grid),
             "configs": [c.key for c in configs],
             "mask_files": mask_files(configs),
-            "haystack_texts": haystack_texts(specs),
+            "haystack_sha256": haystack_hashes(specs),
             "pending": pending,
             **analyze(rows, grid),
             "memory": [m for n in lengths for m in config_memory(configs, model, grid, n)],
