@@ -298,3 +298,34 @@ def test_windows_share_prefills_and_an_interrupted_run_resumes(model_and_tokeniz
     partial.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match="haystack texts"):
         run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)
+
+
+def test_runs_at_other_lengths_merge_into_the_run_over_all_lengths(model_and_tokenizer, tmp_path):
+    """A window's run at 256 tokens merged with its run at 320 tokens gives the rows and the analysis of one run at
+    both lengths, keeps each run's provenance, and refuses runs of another grid or a length measured twice."""
+    from leank_ref.evaluate.merge import load_run, merge_reports
+    from leank_ref.evaluate.windows_grid import run_windows_grid, windows_grid
+
+    model, tokenizer = model_and_tokenizer
+    window = Windows(16, 64, 32)
+    options = dict(methods=("random",), sources=("stdlib",), tasks=("passkey", "continuation"), windows=(window,))
+    for name, lengths in (("short", (256,)), ("long", (320,)), ("both", (256, 320))):
+        grids = windows_grid(tiny=True, lengths=lengths, ratios=(0.5,), **options)
+        run_windows_grid(model, tokenizer, grids, tmp_path / name, progress=False)
+    argv = ["evaluate", "--windows-grid", "--merge-from", str(tmp_path / "long"), "--out", str(tmp_path / "short")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "short" / "eval_windows.json").read_text())
+    merged, both = load_run(tmp_path / "short" / "eval_w16-64.json"), load_run(tmp_path / "both" / "eval_w16-64.json")
+    key = ("task", "source", "length", "seed", "method", "ratio", "budget")
+    assert {r["method"] for r in merged[1]} == {"dense", "random"}
+    assert [tuple(r[k] for k in key) for r in merged[1]] == [tuple(r[k] for k in key) for r in both[1]]
+    assert all(a[m] == pytest.approx(b[m], abs=1e-6) for a, b in zip(merged[1], both[1]) for m in ("ll", "kl"))
+    assert merged[0]["grid"] == both[0]["grid"] and merged[0]["headline"] == both[0]["headline"]
+    assert [run["lengths"] for run in merged[0]["runs"]] == [[256], [320]]
+    assert summary["windows"][0]["lengths"] == [256, 320] and summary["windows"][0]["paired_length"] == 320
+    with pytest.raises(ValueError, match="length twice"):
+        merge_reports([merged, both])
+    other = json.loads(json.dumps(both[0]))
+    other["grid"]["ratios"] = [0.7]
+    with pytest.raises(ValueError, match="grid"):
+        merge_reports([merged, (other, both[1])])

@@ -45,6 +45,12 @@ def add_arguments(parser) -> None:
         "are kept, so the windows can run one call each)",
     )
     parser.add_argument(
+        "--merge-from",
+        metavar="DIR",
+        help="with --windows-grid: instead of running, join each window's run in DIR (same grid, other lengths) with "
+        "the one in --out, and update eval_windows.json there",
+    )
+    parser.add_argument(
         "--scan",
         nargs="*",
         type=int,
@@ -164,6 +170,14 @@ def run_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.merge_from:
+        from leank_ref.evaluate.windows_grid import SUMMARY_FILE, merge_window_runs
+
+        if not args.windows_grid:
+            raise SystemExit("--merge-from joins window-grid runs: add --windows-grid")
+        print_windows_summary(merge_window_runs(out, args.merge_from, args.masks_dir))
+        print(f"merged the runs of {args.merge_from} into {out}/{SUMMARY_FILE} and its window files")
+        return 0
     model, tokenizer = load_model(args.model, device=args.device)
     if args.scan is not None:
         name = args.name or Path(SCAN_FILE).stem

@@ -141,28 +141,59 @@ def run_windows_grid(
     from leank_ref.evaluate.run import run_evaluations
 
     out = Path(out_dir)
-    entries = []
     named = [(file_stem(grid.windows), grid) for grid in grids]
     reports = run_evaluations(model, tokenizer, named, out, masks_dir, progress, workers, model_path)
-    for (name, grid), report in zip(named, reports):
-        rows = read_rows(out / f"{name}_samples.csv")
-        length = max(grid.lengths)
-        entries.append(
-            {
-                "windows": asdict(grid.windows),
-                "file": f"{name}.json",
-                "lengths": list(grid.lengths),
-                "samples": grid.samples,
-                "missing_masks": missing_masks(grid.windows, grid.ratios, masks_dir),
-                "headline": report["headline"],
-                "paired_length": length,
-                "paired": paired_at(rows, grid.tasks, length, HEADLINE_RATIO, grid.tolerance)
-                if HEADLINE_RATIO in grid.ratios
-                else {},
-                "runtime_s": report["runtime_s"],
-                "provenance": report["provenance"],
-            }
-        )
+    entries = [
+        summary_entry(name, grid, report, read_rows(out / f"{name}_samples.csv"), masks_dir)
+        for (name, grid), report in zip(named, reports)
+    ]
+    return merge_summary(out, entries)
+
+
+def summary_entry(name: str, grid: EvalGrid, report: dict, rows: list[dict], masks_dir: str | Path | None) -> dict:
+    """One window's entry of ``eval_windows.json``: its headline, the masks it lacks, the paired differences at
+    r=0.7 and the longest length, where and how long it ran."""
+    length = max(grid.lengths)
+    return {
+        "windows": asdict(grid.windows),
+        "file": f"{name}.json",
+        "lengths": list(grid.lengths),
+        "samples": grid.samples,
+        "missing_masks": missing_masks(grid.windows, grid.ratios, masks_dir),
+        "headline": report["headline"],
+        "paired_length": length,
+        "paired": paired_at(rows, grid.tasks, length, HEADLINE_RATIO, grid.tolerance)
+        if HEADLINE_RATIO in grid.ratios
+        else {},
+        "runtime_s": report["runtime_s"],
+        **({"device": report["device"]} if "device" in report else {}),
+        "provenance": report["provenance"],
+    }
+
+
+def merge_window_runs(out_dir: str | Path, other_dir: str | Path, masks_dir: str | Path | None = None) -> dict:
+    """Join each window's run in ``other_dir`` with the same window's run in ``out_dir`` (same grid, other lengths;
+    :func:`~leank_ref.evaluate.merge.merge_reports`), write the merged files into ``out_dir`` and update
+    ``eval_windows.json``; return the whole summary. Windows only ``other_dir`` holds are copied as they are."""
+    from leank_ref.evaluate.merge import grid_from_dict, load_run, merge_reports
+    from leank_ref.evaluate.report import write_report
+    from leank_ref.provenance import provenance
+
+    out, other = Path(out_dir), Path(other_dir)
+    names = sorted(p.stem for p in other.glob("eval_w*-*.json"))
+    if not names:
+        raise ValueError(f"{other} holds no eval_w<sink>-<recent>.json of a window grid run")
+    entries = []
+    for name in names:
+        runs = [load_run(d / f"{name}.json") for d in (out, other) if (d / f"{name}.json").exists()]
+        if len(runs) == 1:
+            report, rows = runs[0]
+            grid = grid_from_dict(report["grid"])
+        else:
+            report, rows, grid = merge_reports(runs)
+            report["provenance"] = provenance("cpu")  # the code that merged; each run's is in "runs"
+        write_report(out, name, report, rows)
+        entries.append(summary_entry(name, grid, report, rows, masks_dir))
     return merge_summary(out, entries)
 
 
