@@ -150,7 +150,7 @@ def mask_files(configs: list[Config]) -> dict[str, str]:
 
 def analyze(rows: list[dict], grid: EvalGrid) -> dict:
     """Summaries (pooled over lengths, and per length), paired comparisons against dense and LeanK (pooled and per
-    length) and the headline of each text source, from the per-sample rows."""
+    length) and the headline of each text source (pooled over lengths, and per length), from the per-sample rows."""
     tasks = tuple(t for t in grid.tasks if t in TEACHER_FORCED_TASKS)
     comparisons = compare_all(rows, grid.tolerance, by=("task", "source"))
     per_length = compare_all(rows, grid.tolerance, metrics=("ll", "kl", "correct"), by=("task", "source", "length"))
@@ -161,6 +161,12 @@ def analyze(rows: list[dict], grid: EvalGrid) -> dict:
         "comparisons": comparisons,
         "comparisons_by_length": [c for c in per_length if c["b"] == "dense"],
         "headline": {source: headline(comparisons, tasks, source=source) for source in sources} if tasks else {},
+        "headline_by_length": {
+            str(n): {source: headline([c for c in per_length if c["length"] == n], tasks, source) for source in sources}
+            for n in sorted({r["length"] for r in rows if r["task"] in tasks})
+        }
+        if tasks
+        else {},
     }
 
 

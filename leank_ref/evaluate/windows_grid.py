@@ -161,6 +161,7 @@ def summary_entry(name: str, grid: EvalGrid, report: dict, rows: list[dict], mas
         "samples": grid.samples,
         "missing_masks": missing_masks(grid.windows, grid.ratios, masks_dir),
         "headline": report["headline"],
+        "headline_by_length": report.get("headline_by_length", {}),
         "paired_length": length,
         "paired": paired_at(rows, grid.tasks, length, HEADLINE_RATIO, grid.tolerance)
         if HEADLINE_RATIO in grid.ratios
