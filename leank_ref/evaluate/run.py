@@ -162,7 +162,7 @@ def analyze(rows: list[dict], grid: EvalGrid) -> dict:
         "comparisons_by_length": [c for c in per_length if c["b"] == "dense"],
         "headline": {source: headline(comparisons, tasks, source=source) for source in sources} if tasks else {},
         "headline_by_length": {
-            str(n): {source: headline([c for c in per_length if c["length"] == n], tasks, source) for source in sources}
+            str(n): {s: headline([c for c in per_length if c["length"] == n], tasks, source=s) for s in sources}
             for n in sorted({r["length"] for r in rows if r["task"] in tasks})
         }
         if tasks

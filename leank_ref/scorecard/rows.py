@@ -198,7 +198,8 @@ def decoding_rows(root: Path, rules: Rules = RULES) -> list[Row]:
     over the same cache and kernel keeping every channel (the dense control that differs only in the mask).
 
     The speed-up over the fastest real dense decoder measured (eager or under a CUDA graph; the fixed-length SDPA
-    graph steps, which no growing cache can replay, are left out) is shown beside it but not judged: it also measures how the dense baseline is implemented, not only the pruning.
+    graph steps, which no growing cache can replay, are left out) is shown beside it but not judged: it also
+    measures how the dense baseline is implemented, not only the pruning.
     """
     result = load_json(root / "benchmarks" / "results" / "end_to_end.json") or {}
     claim, paper = "decoding speed-up", "1.45x (EMNLP abstract; setting not stated there)"
