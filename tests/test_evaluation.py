@@ -279,11 +279,16 @@ def test_windows_share_prefills_and_an_interrupted_run_resumes(model_and_tokeniz
     partial = tmp_path / "run.partial.jsonl"
     monkeypatch.setattr(run_module, "evaluate_sample_jobs", stop_at_second)
     with pytest.raises(KeyboardInterrupt):
-        run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)
-    assert len(partial.read_text().splitlines()) == 2  # the header and the first sample
+        run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial, segment={"at": "a"})
+    assert len(partial.read_text().splitlines()) == 3  # the header, the first process and its first sample
     monkeypatch.setattr(run_module, "evaluate_sample_jobs", real)
-    together = run_module.evaluate_jobs(model, tokenizer, specs, jobs, progress=False, partial=partial)
-    assert len(specs) == len(calls) == 2 and len(partial.read_text().splitlines()) == 3
+    resumed = dict(progress=False, partial=partial, segment={"at": "b"})
+    together = run_module.evaluate_jobs(model, tokenizer, specs, jobs, **resumed)
+    assert len(specs) == len(calls) == 2 and len(partial.read_text().splitlines()) == 5
+    assert run_module.partial_segments(partial) == [
+        {"provenance": {"at": "a"}, "samples": 1},
+        {"provenance": {"at": "b"}, "samples": 1},
+    ]
     for a, b in zip(alone, together):
         assert [(r["seed"], r["method"]) for r in a] == [(r["seed"], r["method"]) for r in b]
         assert all(x[k] == pytest.approx(y[k], abs=1e-6) for x, y in zip(a, b) for k in ("ll", "kl"))

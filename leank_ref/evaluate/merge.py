@@ -18,7 +18,7 @@ from leank_ref.evaluate.report import read_rows
 from leank_ref.windows import Windows
 
 SPEC_KEYS = ("task", "source", "length", "seed")
-RUN_KEYS = ("haystack_sha256", "runtime_s", "evaluated_with", "workers", "threads", "cpu_s", "provenance")
+RUN_KEYS = ("haystack_sha256", "runtime_s", "evaluated_with", "workers", "threads", "cpu_s", "provenance", "segments")
 
 
 def grid_from_dict(values: dict) -> EvalGrid:

@@ -92,8 +92,25 @@ def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the interruption
             continue
-        done[record["i"]] = record["rows"]
+        if "i" in record:
+            done[record["i"]] = record["rows"]
     return done
+
+
+def partial_segments(path: Path) -> list[dict]:
+    """The processes that wrote a partial file, in order: each one's provenance and how many samples it finished
+    (a run resumed on another machine has two segments)."""
+    segments: list[dict] = []
+    for line in path.read_text().splitlines()[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "segment" in record:
+            segments.append({"provenance": record["segment"], "samples": 0})
+        elif segments:
+            segments[-1]["samples"] += 1
+    return segments
 
 
 def evaluate_jobs(
@@ -105,16 +122,22 @@ def evaluate_jobs(
     model_path: str | None = None,
     progress: bool = True,
     partial: str | Path | None = None,
+    segment: dict | None = None,
 ) -> list[list[dict]]:
     """For each (configs, grid) job, the result rows of every spec in spec order; each sample's dense prefill is
     shared by the jobs. ``workers`` > 1 spreads samples over processes. ``partial``: a file that keeps every
-    finished sample's rows as it completes, so a run cut short resumes where it stopped (same specs and configs)."""
+    finished sample's rows as it completes, so a run cut short resumes where it stopped (same specs and configs);
+    ``segment`` (e.g. this process's provenance) is written there before this process's samples
+    (:func:`partial_segments`)."""
     partial = None if partial is None else Path(partial)
     header = _partial_header(specs, jobs)
     done = _read_partial(partial, header)
     if partial is not None and not partial.exists():
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(header) + "\n")
+    if partial is not None and segment is not None and len(done) < len(specs):
+        with open(partial, "a") as f:
+            f.write(json.dumps({"segment": segment}) + "\n")
     todo = [i for i in range(len(specs)) if i not in done]
     configs = sum(len(c) for c, _ in jobs)
     desc = f"{len(specs)} samples x {configs} configs"
@@ -215,8 +238,9 @@ def run_evaluations(
     built = [build_configs(model, tokenizer, grid, masks_dir) for _, grid in grids]
     jobs = [(configs, grid) for (configs, _), (_, grid) in zip(built, grids)]
     partial = Path(out_dir) / f".{'+'.join(name for name, _ in grids)}.partial.jsonl"
-    all_rows = evaluate_jobs(model, tokenizer, specs, jobs, workers, model_path, progress, partial)
+    all_rows = evaluate_jobs(model, tokenizer, specs, jobs, workers, model_path, progress, partial, segment=ran)
     runtime, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    segments = partial_segments(partial)
     reports = []
     for (name, grid), (configs, pending), rows in zip(grids, built, all_rows):
         lengths = sorted({s["length"] for s in specs})
@@ -233,6 +257,7 @@ def run_evaluations(
             "workers": workers,
             "threads": 1 if workers > 1 else torch.get_num_threads(),
             "provenance": ran,
+            "segments": segments,  # every process that finished samples of this run (a resumed run has several)
         }
         if workers <= 1:
             report["cpu_s"] = cpu
