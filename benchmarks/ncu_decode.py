@@ -2,7 +2,7 @@
 
 Run on a CUDA machine with Nsight Compute (``ncu``) from the repository root:
 
-    python benchmarks/ncu_decode.py --out DIR [--shapes 1x4096 8x32768 1x131072]
+    python benchmarks/ncu_decode.py --out DIR [--shapes 1x4096 8x32768 1x131072] [--layers 32]
 
 For each shape it builds the step of ``decode_profile.py`` (32 layers of Llama-3.1-8B, bf16, the authors' released
 mask, sink 128 / recent 768) and runs it once per method (cuDNN SDPA, the dense Triton kernel, LeanK, the all-ones
@@ -38,15 +38,16 @@ METHODS = ("sdpa_cudnn", "dense_triton", "leank_triton", "leank_all_ones")
 UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1, "usecond": 1e3, "msecond": 1e6}
 
 
-def run_methods(shapes: list[str]) -> None:
-    """The profiled program: each shape's step, once per method, between cudaProfilerStart and Stop."""
+def run_methods(shapes: list[str], layers: int = 32) -> None:
+    """The profiled program: each shape's step (its first ``layers`` layers), once per method, between
+    cudaProfilerStart and Stop."""
     import torch
     from decode_kernels import MASK
     from decode_profile import build_step, step_functions
 
     from leank_ref.masks import load_mask
 
-    keep = load_mask(MASK) > 0.5
+    keep = (load_mask(MASK) > 0.5)[:layers]  # ncu replays every kernel: fewer layers, a shorter profile
     for shape in shapes:
         B, N = (int(x) for x in shape.split("x"))
         q, dense, leank = build_step(B, N, keep, "cuda", torch.bfloat16)
@@ -123,13 +124,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for ncu_decode.json and ncu_decode.log")
     parser.add_argument("--shapes", nargs="*", default=["1x4096", "8x32768", "1x131072"])
     parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=32,
+        help="profile the first N layers of the mask (a 32-layer step at 128K tokens "
+        "takes ncu minutes: 4 layers keep each kind of layer and a short run)",
+    )
     parser.add_argument("--profiled-run", action="store_true", help=argparse.SUPPRESS)  # what ncu runs
     args = parser.parse_args()
     if args.profiled_run:
-        run_methods(args.shapes)
+        run_methods(args.shapes, args.layers)
         return
     if args.out is None:
         raise SystemExit("--out DIR is required")
+    if not 1 <= args.layers <= 32:
+        raise SystemExit(f"--layers must be 1-32 (the mask's layers); got {args.layers}")
     import torch
 
     from leank_ref.provenance import provenance
@@ -140,19 +150,20 @@ def main() -> None:
         args.ncu, "--profile-from-start", "off", "--clock-control", "none",
         "--cache-control", "all", "--csv", "--page", "raw", "--metrics", ",".join(METRICS),
     ]  # fmt: skip
-    program = ["benchmarks/ncu_decode.py", "--profiled-run", "--shapes", *args.shapes]
+    program = ["benchmarks/ncu_decode.py", "--profiled-run", "--layers", str(args.layers), "--shapes", *args.shapes]
     done = subprocess.run([*ncu, sys.executable, *program], capture_output=True, text=True, check=False)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ncu_decode.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"ncu failed ({done.returncode}); see {args.out / 'ncu_decode.log'}")
     kernels = parse(done.stdout)
-    label(kernels, args.shapes)
+    label(kernels, args.shapes, args.layers)
     report = {
         **provenance("cuda"),
         "benchmark": "ncu_decode",
         "command": " ".join([*ncu, "python", *program]),
         "shapes": args.shapes,
+        "layers": args.layers,
         "metrics": METRICS,
         "summary": summarize(kernels),
         "kernels": kernels,
