@@ -10,6 +10,7 @@ provenance, text hashes and runtime under ``runs``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,14 +30,13 @@ def grid_from_dict(values: dict) -> EvalGrid:
 
 def load_run(path: str | Path) -> tuple[dict, list[dict]]:
     """A report ``<name>.json`` and its per-sample rows ``<name>_samples.csv`` (same folder)."""
-    import json
-
     path = Path(path)
     return json.loads(path.read_text()), read_rows(path.with_name(f"{path.stem}_samples.csv"))
 
 
-def run_record(report: dict) -> dict:
-    """What one run contributes to a merged report's ``runs``: its lengths, where, when and how long it ran."""
+def run_records(report: dict) -> list[dict]:
+    """What a report contributes to a merged report's ``runs``: per run, its lengths, where, when and how long it
+    ran (a merged report brings its own runs)."""
     runs = report.get("runs")
     if runs is not None:  # already a merged report
         return runs
@@ -71,7 +71,7 @@ def merge_reports(runs: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]
     grid = grid_from_dict({**first["grid"], "lengths": sorted(lengths)})
     order = {tuple(s[k] for k in SPEC_KEYS): i for i, s in enumerate(grid.specs())}  # one run's row order
     rows = sorted((r for _, rs in runs for r in rs), key=lambda r: order[tuple(r[k] for k in SPEC_KEYS)])
-    records = [rec for report, _ in runs for rec in run_record(report)]
+    records = [rec for report, _ in runs for rec in run_records(report)]
     devices = list(dict.fromkeys(rec["provenance"]["device"] for rec in records))
     merged = {
         "grid": asdict(grid),

@@ -86,26 +86,26 @@ def _read_partial(path: Path | None, header: dict) -> dict[int, list[list[dict]]
             f"{path} holds samples of a different run (other samples, configs, mask files or haystack texts, e.g. "
             "another Python version): delete it to start over"
         )
-    done = {}
+    return {record["i"]: record["rows"] for record in _partial_records(lines) if "i" in record}
+
+
+def _partial_records(lines: list[str]) -> list[dict]:
+    """The records after a partial file's header: finished samples (``i``, ``rows``) and process marks
+    (``segment``); a line cut by an interruption is skipped."""
+    records = []
     for line in lines[1:]:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the interruption
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
             continue
-        if "i" in record:
-            done[record["i"]] = record["rows"]
-    return done
+    return records
 
 
 def partial_segments(path: Path) -> list[dict]:
     """The processes that wrote a partial file, in order: each one's provenance and how many samples it finished
     (a run resumed on another machine has two segments)."""
     segments: list[dict] = []
-    for line in path.read_text().splitlines()[1:]:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in _partial_records(path.read_text().splitlines()):
         if "segment" in record:
             segments.append({"provenance": record["segment"], "samples": 0})
         elif segments:
