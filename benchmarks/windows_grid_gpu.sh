@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/windows_grid_gpu.sh OUTDIR SECONDS [WINDOW...]     (WINDOW as SINK/RECENT/BLOCK; default all)
 #
+# LENGTHS (environment, default "8192 4096 2048") picks the context lengths.
+#
 # Each process writes OUTDIR/<sink>-<recent>_<length>/eval_w<sink>-<recent>.* and a log beside it. A run cut short
 # at SECONDS keeps its finished samples (.partial.jsonl); the same command resumes it. Join the lengths afterwards
 # with `python -m leank_ref evaluate --windows-grid --window W --merge-from DIR --out results` (one DIR per length).
@@ -18,7 +20,7 @@ python -c "from leank_ref.models import load_model; load_model()" >"$out/warm_ca
 pids=()
 for window in "${windows[@]}"; do
     IFS=/ read -r sink recent _ <<<"$window"
-    for length in 8192 4096 2048; do
+    for length in ${LENGTHS:-8192 4096 2048}; do
         dir="$out/$sink-${recent}_$length"
         mkdir -p "$dir"
         OMP_NUM_THREADS=2 timeout "$seconds" python -m leank_ref evaluate --windows-grid --window "$window" \
