@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The window x length x ratio grid on one GPU, one process per (window, length) side by side: a 135M model at batch 1
-# leaves most of the GPU idle, so parallel processes finish the grid several times faster than one.
+# leaves most of a GPU idle, so the processes share it (how much faster than one process this is has not been timed).
 #
 #   bash benchmarks/windows_grid_gpu.sh OUTDIR SECONDS [WINDOW...]     (WINDOW as SINK/RECENT/BLOCK; default all)
 #
